@@ -1,0 +1,152 @@
+"""The typed description of a whole hybrid model.
+
+One ``ModelConfig`` describes any stack: the layer pattern says which layer each residual block
+holds, and each family reads only its own section. Invalid shapes fail at construction with a
+message naming the field (``ModelConfig.attention.n_kv_heads: 3 does not divide n_heads=8``).
+
+Layer pattern letters (one residual block each, pre-norm):
+
+* ``A`` causal attention (GQA, RoPE, optional sliding window)
+* ``M`` Mamba-2 (SSD)
+* ``-`` SwiGLU MLP (channel mixer)
+* further letters are registered by the families (Titans/ATLAS memory, ...);
+  ``hybrid_lm.models.common.registry.layer_specs()`` lists them.
+
+So ``"M-M-A-"`` is three blocks of (mixer, MLP): two Mamba-2 and one attention, the same
+convention as Megatron's hybrid pattern and NemotronH (which write attention as ``*``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from hybrid_lm.models.titans.config import TitansConfig
+
+
+class ModelConfigError(ValueError):
+    """An impossible model config; the message names the field."""
+
+
+@dataclass
+class AttentionConfig:
+    n_heads: int = 4
+    """query heads"""
+    n_kv_heads: Optional[int] = None
+    """key/value heads (grouped-query attention); None means n_heads (plain multi-head)"""
+    head_dim: Optional[int] = None
+    """channels per head; None means d_model // n_heads"""
+    rope_base: float = 10000.0
+    """RoPE base frequency (theta)"""
+    window: Optional[int] = None
+    """sliding-window size in tokens (each token sees itself and window-1 previous); None = full causal"""
+    bias: bool = False
+    """bias on the q/k/v/o projections"""
+    backend: Literal["auto", "sdpa", "flash"] = "auto"
+    """auto uses flash-attn when installed and on CUDA, else PyTorch scaled_dot_product_attention"""
+
+
+@dataclass
+class Mamba2Config:
+    """Mamba-2 mixer; defaults follow mamba_ssm's Mamba2 except d_state (128 there)."""
+
+    d_state: int = 64
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 32
+    ngroups: int = 1
+    chunk_size: int = 64
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    A_init_range: tuple[float, float] = (1.0, 16.0)
+    conv_bias: bool = True
+    bias: bool = False
+    norm_before_gate: bool = False
+    backend: Literal["auto", "torch", "mamba_ssm"] = "auto"
+    """auto uses mamba_ssm's kernels when installed and on CUDA, else the PyTorch chunked SSD"""
+
+
+@dataclass
+class MLPConfig:
+    hidden_size: Optional[int] = None
+    """SwiGLU hidden width; None means 8/3 * d_model rounded up to multiple_of"""
+    multiple_of: int = 64
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 258
+    d_model: int = 256
+    layer_pattern: str = "M-M-A-"
+    """one letter per residual block; see the module docstring"""
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    rescale_prenorm_residual: bool = True
+    """divide residual output projections by sqrt(number of blocks) at init (GPT-2 / mamba_ssm)"""
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    mamba2: Mamba2Config = field(default_factory=Mamba2Config)
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    titans: TitansConfig = field(default_factory=TitansConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.layer_pattern)
+
+    def _fail(self, field_name: str, message: str) -> None:
+        raise ModelConfigError(f"ModelConfig.{field_name}: {message}")
+
+    def validate(self) -> None:
+        if self.vocab_size <= 0:
+            self._fail("vocab_size", f"must be positive, got {self.vocab_size}")
+        if self.d_model <= 0:
+            self._fail("d_model", f"must be positive, got {self.d_model}")
+        if not self.layer_pattern:
+            self._fail("layer_pattern", "is empty")
+        from hybrid_lm.models.common.registry import layer_specs
+
+        specs = layer_specs()
+        for i, ch in enumerate(self.layer_pattern):
+            if ch not in specs:
+                known = ", ".join(f"{s.letter!r}={s.name}" for s in specs.values())
+                self._fail("layer_pattern", f"unknown letter {ch!r} at position {i} of {self.layer_pattern!r} (known: {known})")
+        att = self.attention
+        if "A" in self.layer_pattern or att.window is not None:
+            if att.n_heads <= 0:
+                self._fail("attention.n_heads", f"must be positive, got {att.n_heads}")
+            if att.head_dim is None and self.d_model % att.n_heads:
+                self._fail("attention.n_heads", f"{att.n_heads} does not divide d_model={self.d_model}")
+            kv = att.n_kv_heads or att.n_heads
+            if kv <= 0 or att.n_heads % kv:
+                self._fail("attention.n_kv_heads", f"{kv} does not divide n_heads={att.n_heads}")
+            if att.window is not None and att.window <= 0:
+                self._fail("attention.window", f"must be positive or null, got {att.window}")
+            if self.attention_head_dim % 2:
+                self._fail("attention.head_dim", f"RoPE needs an even head dim, got {self.attention_head_dim}")
+        if "M" in self.layer_pattern:
+            m = self.mamba2
+            d_inner = m.expand * self.d_model
+            if d_inner % m.headdim:
+                self._fail("mamba2.headdim", f"{m.headdim} does not divide d_inner = expand*d_model = {d_inner}")
+            nheads = d_inner // m.headdim
+            if m.ngroups <= 0 or nheads % m.ngroups:
+                self._fail("mamba2.ngroups", f"{m.ngroups} does not divide the {nheads} SSM heads")
+            if m.chunk_size <= 0:
+                self._fail("mamba2.chunk_size", f"must be positive, got {m.chunk_size}")
+            if not 0 < m.dt_min <= m.dt_max:
+                self._fail("mamba2.dt_min", f"need 0 < dt_min <= dt_max, got {m.dt_min}, {m.dt_max}")
+
+    @property
+    def attention_head_dim(self) -> int:
+        return self.attention.head_dim or self.d_model // self.attention.n_heads
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        if self.mlp.hidden_size is not None:
+            return self.mlp.hidden_size
+        hidden = int(8 * self.d_model / 3)
+        m = self.mlp.multiple_of
+        return m * ((hidden + m - 1) // m)

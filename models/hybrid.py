@@ -1,0 +1,168 @@
+"""The hybrid language model: embeddings, a pattern of pre-norm residual blocks, tied LM head.
+
+The stack knows nothing about any family: each block builds its layer from the registry by the
+pattern letter and talks to it only through ``models/common/mixer.py``. Nor does it know about
+parallelism or training: the engine in ``train/`` wraps it from outside.
+
+Shapes: ``input_ids`` (B, T) int64 -> ``logits`` (B, T, V). States are a list with one entry per
+block (None for stateless layers).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybrid_lm.models.common.mixer import Layer, State
+from hybrid_lm.models.common.registry import get_layer_spec
+from hybrid_lm.models.config import ModelConfig
+
+States = list[Optional[State]]
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    """(B, T, V)"""
+    loss: Optional[torch.Tensor] = None
+    """mean token cross-entropy over labels != -100, when labels were given"""
+    states: Optional[States] = None
+
+
+class Block(nn.Module):
+    """x + layer(RMSNorm(x)), with the layer's state passed through."""
+
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.letter = config.layer_pattern[layer_index]
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.layer: Layer = get_layer_spec(self.letter).build(config, layer_index)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        state: Optional[State] = None,
+        doc_ids: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        return_state: bool = False,
+    ) -> tuple[torch.Tensor, Optional[State]]:
+        y, new_state = self.layer(
+            self.norm(x), state=state, doc_ids=doc_ids, position_ids=position_ids, return_state=return_state
+        )
+        return x + y, new_state
+
+    def step(self, x: torch.Tensor, state: Optional[State]) -> tuple[torch.Tensor, Optional[State]]:
+        y, new_state = self.layer.step(self.norm(x), state)
+        return x + y, new_state
+
+
+class HybridLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_blocks))
+        self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Generic init (normal(0, init_std) for matmuls and embeddings, zero biases), the
+        GPT-2/mamba_ssm rescale of residual output projections, then each layer's own init."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+        if self.config.rescale_prenorm_residual:
+            scale = 1.0 / math.sqrt(self.config.n_blocks)
+            for p in self.parameters():
+                if getattr(p, "_is_residual_projection", False):
+                    p.mul_(scale)
+        for block in self.blocks:
+            block.layer.reset_parameters()
+
+    def init_states(self, batch_size: int, *, device: torch.device | None = None, dtype: torch.dtype | None = None) -> States:
+        device = device or self.embed.weight.device
+        dtype = dtype or self.embed.weight.dtype
+        return [b.layer.init_state(batch_size, device=device, dtype=dtype) for b in self.blocks]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        labels: Optional[torch.Tensor] = None,
+        doc_ids: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        states: Optional[States] = None,
+        return_states: bool = False,
+    ) -> ModelOutput:
+        x = self.embed(input_ids)
+        new_states: States = []
+        for i, block in enumerate(self.blocks):
+            x, s = block(
+                x,
+                state=None if states is None else states[i],
+                doc_ids=doc_ids,
+                position_ids=position_ids,
+                return_state=return_states,
+            )
+            new_states.append(s)
+        logits = self.lm_head(self.final_norm(x))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return ModelOutput(logits=logits, loss=loss, states=new_states if return_states else None)
+
+    def step(self, input_ids: torch.Tensor, states: States) -> tuple[torch.Tensor, States]:
+        """One decode step: input_ids (B,) -> logits (B, V), new states."""
+        x = self.embed(input_ids)
+        new_states: States = []
+        for block, s in zip(self.blocks, states):
+            x, s = block.step(x, s)
+            new_states.append(s)
+        return self.lm_head(self.final_norm(x)), new_states
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Prefill with the parallel form, then decode with ``step``; greedy when temperature == 0.
+
+        input_ids (B, T) -> (B, T + max_new_tokens).
+        """
+        out = self(input_ids, return_states=True)
+        states = out.states
+        assert states is not None
+        logits = out.logits[:, -1]
+        tokens = [input_ids]
+        for _ in range(max_new_tokens):
+            if temperature > 0:
+                probs = torch.softmax(logits.float() / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            else:
+                nxt = logits.argmax(dim=-1)
+            tokens.append(nxt[:, None])
+            logits, states = self.step(nxt, states)
+        return torch.cat(tokens, dim=1)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token (Megatron convention; x3 for training), LM head included."""
+        d, v = self.config.d_model, self.config.vocab_size
+        return sum(b.layer.flops_per_token(seq_len) for b in self.blocks) + 2.0 * d * v
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed.weight.numel()
+        return n
