@@ -1,0 +1,66 @@
+"""The strict config layer: unknown keys and wrong types fail with the dotted key named."""
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import pytest
+
+from hybrid_lm.typed_config import ConfigError, apply_overrides, from_dict, load_file, to_dict
+
+
+@dataclass
+class Inner:
+    n_heads: int = 4
+    window: Optional[int] = None
+    kind: Literal["a", "b"] = "a"
+
+
+@dataclass
+class Outer:
+    lr: float = 1e-3
+    name: str = "x"
+    flags: list[int] = field(default_factory=list)
+    span: tuple[float, float] = (1.0, 2.0)
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_round_trip_and_int_to_float():
+    cfg = from_dict(Outer, {"lr": 1, "inner": {"window": 8, "kind": "b"}, "span": [0.5, 3]})
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert cfg.inner == Inner(window=8, kind="b")
+    assert cfg.span == (0.5, 3.0)
+    assert from_dict(Outer, to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"inner": {"n_head": 3}}, "unknown config key inner.n_head"),
+        ({"inner": {"n_heads": "eight"}}, "inner.n_heads: expected int"),
+        ({"inner": {"kind": "c"}}, "inner.kind: 'c' is not one of"),
+        ({"flags": [1, "x"]}, "flags[1]: expected int"),
+        ({"lr": True}, "lr: expected float"),
+        ({"span": [1.0]}, "span: expected 2 items"),
+        ({"inner": 3}, "inner: expected a mapping"),
+    ],
+    ids=["unknown-key", "wrong-type", "literal", "list-item", "bool-not-float", "tuple-len", "section"],
+)
+def test_errors_name_the_key(data, message):
+    with pytest.raises(ConfigError) as exc:
+        from_dict(Outer, data)
+    assert message in str(exc.value)
+
+
+def test_overrides_parse_yaml_scalars():
+    data = apply_overrides({"inner": {"n_heads": 4}}, ["inner.n_heads=8", "inner.window=null", "flags=[1, 2]", "name=abc"])
+    cfg = from_dict(Outer, data)
+    assert cfg.inner.n_heads == 8 and cfg.inner.window is None and cfg.flags == [1, 2] and cfg.name == "abc"
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_overrides({}, ["inner.n_heads"])
+
+
+def test_load_yaml_and_toml(tmp_path):
+    (tmp_path / "a.yaml").write_text("lr: 0.5\ninner:\n  n_heads: 2\n")
+    (tmp_path / "a.toml").write_text("lr = 0.5\n[inner]\nn_heads = 2\n")
+    assert load_file(tmp_path / "a.yaml") == load_file(tmp_path / "a.toml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_file(tmp_path / "missing.yaml")
