@@ -1,0 +1,7 @@
+"""Training checkpoints: atomic layout (layout.py), RNG/trainer state (state.py), save/restore
+through DeepSpeed (manager.py) and consolidated weights for export (consolidate.py)."""
+from hybrid_lm.train.checkpoint.consolidate import LoadedModel, load_model_state
+from hybrid_lm.train.checkpoint.layout import CheckpointError
+from hybrid_lm.train.checkpoint.manager import CheckpointConfig
+
+__all__ = ["CheckpointConfig", "CheckpointError", "LoadedModel", "load_model_state"]

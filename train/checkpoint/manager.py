@@ -1,0 +1,123 @@
+"""Save and restore a whole training run: DeepSpeed's files for model and optimiser, ours for the rest.
+
+``save(...)`` is collective (every rank calls it) and follows RELIABILITY.md: write into
+``step-XXXXXXX.tmp/``, barrier, rank 0 renames it to ``step-XXXXXXX/``, writes ``COMPLETE.json``
+(sha256 of every file) and only then moves ``latest`` and purges old checkpoints. A crash at any
+point leaves either the previous state or a directory that never counts.
+
+``restore(...)`` picks the newest checkpoint that verifies (rank 0 decides, everyone follows),
+refuses a changed world size or tokenizer with a message that says so, and loads through
+``engine.load_checkpoint`` so every ZeRO stage works. DeepSpeed's own files are read by DeepSpeed
+(``torch.load``) only *after* their sha256 matched the marker we wrote.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from hybrid_lm.train import distributed as D
+from hybrid_lm.train.checkpoint import layout
+from hybrid_lm.train.checkpoint.state import TrainerState, load_rank_state, restore_rng, save_rank_state
+
+DS_TAG = "ds"
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    """save every N optimizer steps (0: only at the end and on SIGTERM/SIGUSR1)"""
+    keep: int = 2
+    """complete checkpoints to keep (the newest complete one is never deleted)"""
+    dir: Optional[str] = None
+    """where checkpoints go; None means <train.run_dir>/checkpoints"""
+    allow_tokenizer_change: bool = False
+    """resume even though the data's tokenizer.json differs from the checkpoint's"""
+
+
+def _versions() -> dict[str, str]:
+    import deepspeed
+
+    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "python": platform.python_version()}
+
+
+def save(engine, root: Path, state: TrainerState, *, rank: int, world_size: int, loader_state: dict[str, Any],
+         job_config: dict[str, Any], tokenizer_file: Optional[Path], keep: int, zero_stage: int) -> Path:
+    """Write a complete checkpoint of ``state.step`` under ``root``; returns its final path."""
+    root = Path(root)
+    final = root / layout.step_dir_name(state.step)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a stale one from a crashed save of the same step
+        tmp.mkdir()
+    D.barrier()
+    engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+    save_rank_state(tmp, rank, loader_state, {"world_size": world_size, "step": state.step})
+    if rank == 0:
+        (tmp / "trainer.json").write_text(json.dumps(state.to_json(), sort_keys=True))
+        (tmp / "config.json").write_text(json.dumps(job_config, indent=1, sort_keys=True))
+        if tokenizer_file is not None and tokenizer_file.is_file():
+            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+    D.barrier()
+    if rank == 0:
+        if final.exists():  # re-saving a step (e.g. SIGTERM right after a periodic save)
+            shutil.rmtree(final)
+        tmp.rename(final)
+        layout.fsync_dir(root)
+        layout.write_marker(final, {"step": state.step, "world_size": world_size, "zero_stage": zero_stage,
+                                    "tokens": state.tokens, "versions": _versions()})
+        layout.update_latest(root, final)
+        layout.purge(root, keep)
+    D.barrier()
+    return final
+
+
+def find_resume(resume: str, root: Path) -> Optional[Path]:
+    """The checkpoint to resume from: ``never`` -> None, ``auto`` -> newest complete under root
+    (None when there is none), anything else is a path (run dir or checkpoint dir)."""
+    if resume == "never":
+        return None
+    chosen: Optional[str] = None
+    if D.is_main():
+        if resume == "auto":
+            found = layout.newest_complete(Path(root))
+        else:
+            found = layout.resolve_checkpoint(Path(resume))
+        chosen = None if found is None else str(found)
+    chosen = D.broadcast_object(chosen)  # type: ignore[assignment]
+    return None if chosen is None else Path(chosen)
+
+
+def restore(engine, ckpt: Path, *, rank: int, world_size: int, tokenizer_file: Optional[Path],
+            allow_tokenizer_change: bool) -> tuple[TrainerState, dict[str, Any], tuple[dict, dict]]:
+    """Load model/optimiser into ``engine``; returns (trainer state, this rank's loader state,
+    this rank's RNG state to hand to ``restore_rng`` once everything else is built)."""
+    meta = json.loads((ckpt / layout.MARKER).read_text())
+    if meta["world_size"] != world_size:
+        raise layout.CheckpointError(
+            f"{ckpt}: saved with {meta['world_size']} data-parallel ranks, now {world_size}; the per-rank "
+            "data-loader cursors cannot be remapped. Resume with the same world size, or start a new run "
+            "with train.init_from to take only the weights.")
+    saved_tok = ckpt / "tokenizer.json"
+    if (not allow_tokenizer_change and saved_tok.is_file() and tokenizer_file is not None
+            and tokenizer_file.is_file() and layout.sha256_file(saved_tok) != layout.sha256_file(tokenizer_file)):
+        raise layout.CheckpointError(
+            f"{tokenizer_file} differs from the tokenizer saved in {ckpt}; refusing to resume on different "
+            "tokens (set checkpoint.allow_tokenizer_change=true to override)")
+    load_path, _ = engine.load_checkpoint(str(ckpt), tag=DS_TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+    if load_path is None:
+        raise layout.CheckpointError(f"{ckpt / DS_TAG}: DeepSpeed could not load the model/optimizer state")
+    state = TrainerState.from_json(json.loads((ckpt / "trainer.json").read_text()))
+    rank_meta, rng_tensors = load_rank_state(ckpt, rank)
+    return state, rank_meta["loader"], (rank_meta["rng"], rng_tensors)
+
+
+def apply_rng(rng: tuple[dict, dict]) -> None:
+    restore_rng(*rng)

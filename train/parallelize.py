@@ -1,0 +1,90 @@
+"""The one boundary where DeepSpeed wraps the model: ``parallelize(model, optimizer, cfg) -> engine``.
+
+Models in ``models/`` are single-device code; data parallelism with ZeRO (stage 0-3), mixed
+precision, gradient accumulation, clipping and CPU offload are applied here from outside, the
+way torchtitan's ``parallelize_*`` functions apply FSDP/TP. Nothing else in the tree imports
+DeepSpeed except ``distributed.py`` (process group) and ``checkpoint/`` (its save/load and
+consolidation tools).
+
+The data-parallel degree is the world size (no TP/PP yet), and ``ParallelConfig.validate`` says
+so in words rather than letting DeepSpeed fail on a batch-size assertion.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from hybrid_lm.typed_config import ConfigError
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0 plain DDP, 1 shard optimizer state, 2 + gradients, 3 + parameters"""
+    gradient_accumulation: int = 1
+    """micro-batches per optimizer step on each rank"""
+    cpu_offload: bool = False
+    """offload optimizer state to CPU (ZeRO >= 1)"""
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 on CUDA, fp32 on CPU"""
+    timeout_s: float = 600.0
+    """collective timeout: a rank stuck this long before a collective fails the job instead of hanging"""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.gradient_accumulation < 1:
+            raise ConfigError(f"parallel.gradient_accumulation: must be >= 1, got {self.gradient_accumulation}")
+        if self.cpu_offload and self.zero_stage == 0:
+            raise ConfigError("parallel.cpu_offload: needs zero_stage >= 1")
+
+    def resolved_dtype(self, device: torch.device) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bf16" if device.type == "cuda" else "fp32"
+
+
+def deepspeed_config(cfg: ParallelConfig, *, micro_batch_size: int, world_size: int, grad_clip: float,
+                     device: torch.device) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    if cfg.zero_stage == 3:
+        # No extra full-model gather at every save: consolidation (load_model_state) rebuilds
+        # the exact fp32 weights from the saved partitions with DeepSpeed's zero_to_fp32.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation,
+        "train_batch_size": micro_batch_size * cfg.gradient_accumulation * world_size,
+        "gradient_clipping": grad_clip,
+        "bf16": {"enabled": cfg.resolved_dtype(device) == "bf16"},
+        "zero_optimization": zero,
+        # the trainer's optimiser is an AdamW subclass (SkippableAdamW); DeepSpeed accepts it
+        # under ZeRO only with this flag
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": False},
+    }
+
+
+def parallelize(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: ParallelConfig, *,
+                micro_batch_size: int, world_size: int, grad_clip: float, device: torch.device):
+    """Wrap ``model`` and ``optimizer`` in a DeepSpeed engine; returns the engine.
+
+    The model must already hold its initial (or ``init_from``) weights: DeepSpeed broadcasts
+    nothing for us under ZeRO-3, so identical init on every rank is the caller's job (seeded).
+    """
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    ds_config = deepspeed_config(cfg, micro_batch_size=micro_batch_size, world_size=world_size,
+                                 grad_clip=grad_clip, device=device)
+    model.to(device)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
