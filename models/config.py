@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from hybrid_lm.models.atlas.config import AtlasConfig
 from hybrid_lm.models.titans.config import TitansConfig
 
 
@@ -88,6 +89,7 @@ class ModelConfig:
     mamba2: Mamba2Config = field(default_factory=Mamba2Config)
     mlp: MLPConfig = field(default_factory=MLPConfig)
     titans: TitansConfig = field(default_factory=TitansConfig)
+    atlas: AtlasConfig = field(default_factory=AtlasConfig)
 
     def __post_init__(self) -> None:
         self.validate()

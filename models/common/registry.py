@@ -23,6 +23,7 @@ BUILTIN_FAMILIES: tuple[str, ...] = (
     "hybrid_lm.models.attention",
     "hybrid_lm.models.mamba2",
     "hybrid_lm.models.titans",
+    "hybrid_lm.models.atlas",
 )
 
 
