@@ -66,9 +66,11 @@ def save(engine, root: Path, state: TrainerState, *, rank: int, world_size: int,
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
     D.barrier()
     if rank == 0:
-        if final.exists():  # re-saving a step (e.g. SIGTERM right after a periodic save)
-            shutil.rmtree(final)
+        old = final.with_name(final.name + ".replaced.tmp")
+        if final.exists():  # re-saving a step (a resume=never run in an old run dir): swap, then delete
+            final.rename(old)
         tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
         layout.fsync_dir(root)
         layout.write_marker(final, {"step": state.step, "world_size": world_size, "zero_stage": zero_stage,
                                     "tokens": state.tokens, "versions": _versions()})

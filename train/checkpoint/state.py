@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,6 @@ class TrainerState:
     """tokens consumed across all ranks (padding/ignored labels included)"""
     nan_skipped: int = 0
     consecutive_nan: int = 0
-    recent_losses: list[float] = field(default_factory=list)
-    """the last finite losses (window of the loss monitor; survives resume)"""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,7 +60,8 @@ def restore_rng(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted(tensors, key=lambda k: int(k.rsplit("_", 1)[1])) if k.startswith("torch_cuda_")]
+    cuda_keys = sorted((k for k in tensors if k.startswith("torch_cuda_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+    cuda = [tensors[k] for k in cuda_keys]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
 

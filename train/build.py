@@ -1,0 +1,79 @@
+"""Building the pieces of a run from their config sections: seeds, model (+ ``init_from``), loaders.
+
+Kept apart from the loop so the loop reads as the algorithm. Order matters for reproducibility:
+seeds are set, the model is built (same weights on every rank, fresh or resumed), and only after
+a restore are the RNG streams put back (``checkpoint.manager.apply_rng``).
+"""
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+import torch
+
+from hybrid_lm.models.config import ModelConfig
+from hybrid_lm.models.hybrid import HybridLM
+from hybrid_lm.train.checkpoint import layout
+
+#: (split, rank, world_size) -> a loader following the data contract (iterable of batches with
+#: ``state_dict()`` / ``load_state_dict()``); the default builds ``hybrid_lm.data.loader.build_loader``.
+LoaderFactory = Callable[[str, int, int], Iterable[dict[str, torch.Tensor]]]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_loader_factory(data_cfg: Any) -> LoaderFactory:
+    from hybrid_lm.data.loader import build_loader
+
+    return lambda split, rank, world_size: build_loader(data_cfg, split, rank, world_size)
+
+
+def tokenizer_file(data_cfg: Any) -> Optional[Path]:
+    path = Path(getattr(data_cfg, "path", "") or ".") / "tokenizer.json"
+    return path if path.is_file() else None
+
+
+def _init_state_dict(source: Path, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Weights from a training checkpoint/run, or else a model-only dir (``hybrid-lm import``)."""
+    is_training = (source / layout.MARKER).is_file() or bool(layout.step_dirs(source)) or bool(
+        layout.step_dirs(source / "checkpoints"))
+    if is_training:
+        from hybrid_lm.train.checkpoint import load_model_state
+
+        loaded = load_model_state(source)
+        other, state = loaded.model_config, loaded.state_dict
+    else:
+        try:
+            from hybrid_lm.export.model_dir import load_model_dir
+        except ModuleNotFoundError as exc:
+            raise RuntimeError(f"train.init_from={source}: not a training checkpoint, and model-only dirs need "
+                               f"hybrid_lm.export.model_dir, which is not installed ({exc})") from exc
+        other, state, _ = load_model_dir(source)
+    if other != model_cfg:
+        print(f"[init_from] note: {source} was saved with a different model config; loading strictly anyway",
+              file=sys.stderr, flush=True)
+    return state
+
+
+def build_model(model_cfg: ModelConfig, *, seed: int, init_from: Optional[str], resuming: bool) -> HybridLM:
+    """The model with identical weights on every rank: seeded init, then ``init_from`` weights
+    unless a checkpoint is about to overwrite them anyway."""
+    seed_everything(seed)
+    model = HybridLM(model_cfg)
+    if init_from and not resuming:
+        state = _init_state_dict(Path(init_from), model_cfg)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        # tied embeddings appear under one or both names depending on who saved them
+        missing = [k for k in missing if not (k == "lm_head.weight" and model_cfg.tie_embeddings)]
+        if missing or unexpected:
+            raise RuntimeError(f"train.init_from={init_from}: missing keys {missing[:5]}, unexpected {unexpected[:5]}")
+    # the loader and every later draw start from the same streams whether or not weights were loaded
+    seed_everything(seed)
+    return model

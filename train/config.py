@@ -1,0 +1,94 @@
+"""``JobConfig``: the one typed schema of a training job, read from YAML/TOML with dotted overrides.
+
+    hybrid-lm train configs/debug.yaml train.steps=200 parallel.zero_stage=2
+
+Each section is the config of the component that consumes it (``model`` -> HybridLM, ``data`` ->
+the loader, ``optim`` -> AdamW, ``schedule`` -> the LR function, ``parallel`` -> DeepSpeed,
+``checkpoint``, ``logging``, ``eval``, ``train`` -> this loop); components receive only their own
+section. ``load_job_config`` validates everything (unknown keys, wrong types, impossible model
+shapes) in the launching process, so a typo fails before any worker starts, naming the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from hybrid_lm.data.config import DataConfig
+from hybrid_lm.models.config import ModelConfig
+from hybrid_lm.train.checkpoint.manager import CheckpointConfig
+from hybrid_lm.train.evaluation import EvalConfig
+from hybrid_lm.train.optim import OptimConfig
+from hybrid_lm.train.parallelize import ParallelConfig
+from hybrid_lm.train.schedules import ScheduleConfig
+from hybrid_lm.typed_config import ConfigError, apply_overrides, from_dict, load_file, to_dict
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """optimizer steps in total (a resumed run continues up to this number)"""
+    seed: int = 0
+    """seeds model init (identical on every rank and on resume) and the global RNGs"""
+    run_dir: str = "runs/default"
+    """metrics.jsonl, TensorBoard events and (by default) checkpoints/ go here"""
+    resume: str = "auto"
+    """auto: newest complete checkpoint in the run dir if any; never: start fresh; else a path"""
+    init_from: Optional[str] = None
+    """start from these weights (a model-only dir from ``hybrid-lm import`` or a training run/checkpoint);
+    ignored when resuming, since the checkpoint already holds the weights"""
+    stop_at: Optional[int] = None
+    """checkpoint and exit 0 after this step (a job slot shorter than the run); the LR schedule
+    still spans ``steps``, so a later resume continues exactly"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this (0 disables)"""
+    max_consecutive_nan: int = 5
+    """abort after this many non-finite losses in a row (each one skips its update)"""
+    eval_at_start: bool = True
+    """run the eval hooks once before the first step of a fresh run (the 'before' number)"""
+    debug_nan_steps: list[int] = field(default_factory=list)
+    """testing aid: the loss of these steps is replaced by NaN to exercise the skip path"""
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ConfigError(f"train.steps: must be >= 0, got {self.steps}")
+        if self.max_consecutive_nan < 1:
+            raise ConfigError(f"train.max_consecutive_nan: must be >= 1, got {self.max_consecutive_nan}")
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    """log metrics (JSONL, TensorBoard, progress bar) every N steps"""
+    tensorboard: bool = True
+    """also write TensorBoard events when tensorboard is installed"""
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.train.run_dir) / "checkpoints"
+
+
+def job_config_from_dict(data: dict) -> JobConfig:
+    return from_dict(JobConfig, data)
+
+
+def load_job_config(path: str | Path, overrides: Sequence[str] = ()) -> JobConfig:
+    """Read ``path`` (YAML/TOML/JSON), apply ``key.sub=value`` overrides, validate; ConfigError names the key."""
+    return job_config_from_dict(apply_overrides(load_file(path), overrides))
+
+
+def job_config_to_dict(cfg: JobConfig) -> dict:
+    return to_dict(cfg)

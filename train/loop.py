@@ -1,0 +1,163 @@
+"""The training loop: ``train(cfg) -> TrainResult``.
+
+    python -m hybrid_lm.cli train configs/debug.yaml                        # 1 process (CPU or 1 GPU)
+    torchrun --nproc_per_node 2 -m hybrid_lm.cli train configs/debug.yaml   # 2 processes, 1 node
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d \
+        --rdzv_endpoint $HEAD:29500 -m hybrid_lm.cli train configs/tiny.yaml   # 2 nodes
+
+One optimizer step = ``parallel.gradient_accumulation`` micro-batches per rank, then one
+all-reduce of (loss sum, non-finite count, tokens, stop flag) that lets every rank take the same
+decision: skip the update (NaN anywhere), log, checkpoint, stop (SIGTERM anywhere). Everything
+else (DeepSpeed wrapping, checkpoint layout, faults, evaluation, metrics) lives in its own module.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from hybrid_lm.train import distributed as D
+from hybrid_lm.train.build import LoaderFactory, build_model, default_loader_factory, tokenizer_file
+from hybrid_lm.train.checkpoint import manager
+from hybrid_lm.train.checkpoint.state import TrainerState
+from hybrid_lm.train.config import JobConfig, job_config_to_dict
+from hybrid_lm.train.evaluation import EvalContext, run_evals
+from hybrid_lm.train.faults import NanGuard, StopSignal
+from hybrid_lm.train.metrics import MetricsLogger, TrainProgress, mfu, peak_flops
+from hybrid_lm.train.optim import build_optimizer, set_lr
+from hybrid_lm.train.parallelize import parallelize
+from hybrid_lm.train.schedules import build_lr_schedule
+
+BATCH_KEYS = ("input_ids", "labels", "doc_ids", "position_ids")
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: dict[int, float] = field(default_factory=dict)
+    """mean loss of every step this invocation ran (NaN for skipped steps)"""
+    evals: dict[int, dict[str, float]] = field(default_factory=dict)
+    checkpoint: Optional[Path] = None
+    stopped_by_signal: bool = False
+    """stopped early (SIGTERM/SIGUSR1 or train.stop_at) after saving a checkpoint"""
+    state: TrainerState = field(default_factory=TrainerState)
+
+
+def _train_step(engine, optimizer, batches, state: TrainerState, guard: NanGuard, stop: StopSignal,
+                gas: int, device: torch.device) -> tuple[float, int, bool]:
+    """Run one optimizer step; returns (mean loss or NaN, global tokens, stop requested anywhere)."""
+    loss_sum, nonfinite, tokens = 0.0, 0, 0
+    for micro in range(gas):
+        batch = next(batches)
+        ids = batch["input_ids"].to(device, non_blocking=True)
+        kwargs = {k: batch[k].to(device, non_blocking=True) for k in BATCH_KEYS[1:] if batch.get(k) is not None}
+        loss = guard.inject(state.step, engine(ids, **kwargs).loss)
+        engine.backward(loss)
+        value = loss.detach().float().item()
+        if math.isfinite(value):
+            loss_sum += value
+        else:
+            nonfinite += 1
+        tokens += ids.numel()
+        if micro < gas - 1:
+            engine.step()  # DeepSpeed counts micro-steps here; no update before the boundary
+    g_loss, g_nonfinite, g_tokens, g_stop = D.all_reduce_sum(
+        [loss_sum, nonfinite, tokens, float(stop.requested)], device)
+    optimizer.skip_next_step = guard.record(state, g_nonfinite == 0, state.step)
+    engine.step()
+    optimizer.skip_next_step = False  # ZeRO may already have dropped the step on a non-finite grad norm
+    n_finite = gas * D.dist.get_world_size() - g_nonfinite
+    return (g_loss / n_finite if g_nonfinite == 0 else float("nan")), int(g_tokens), g_stop > 0
+
+
+def train(cfg: JobConfig, *, make_loader: Optional[LoaderFactory] = None) -> TrainResult:
+    info = D.init_distributed(cfg.parallel.timeout_s)
+    make_loader = make_loader or default_loader_factory(cfg.data)
+    run_dir, ckpt_root, tok = Path(cfg.train.run_dir), cfg.checkpoint_dir, tokenizer_file(cfg.data)
+    resume_from = manager.find_resume(cfg.train.resume, ckpt_root)
+    model = build_model(cfg.model, seed=cfg.train.seed, init_from=cfg.train.init_from, resuming=resume_from is not None)
+    optimizer = build_optimizer(model, cfg.optim)
+    gas = cfg.parallel.gradient_accumulation
+    engine = parallelize(model, optimizer, cfg.parallel, micro_batch_size=cfg.data.micro_batch_size,
+                         world_size=info.world_size, grad_clip=cfg.train.grad_clip, device=info.device)
+    loader = make_loader("train", info.rank, info.world_size)
+    state, rng = TrainerState(), None
+    if resume_from is not None:
+        state, loader_state, rng = manager.restore(engine, resume_from, rank=info.rank, world_size=info.world_size,
+                                                   tokenizer_file=tok, allow_tokenizer_change=cfg.checkpoint.allow_tokenizer_change)
+        loader.load_state_dict(loader_state)
+        if info.is_main:
+            print(f"[train] resumed from {resume_from} at step {state.step}", flush=True)
+    lr_at = build_lr_schedule(cfg.schedule, cfg.train.steps)
+    guard = NanGuard(cfg.train.max_consecutive_nan, cfg.train.debug_nan_steps)
+    logger = MetricsLogger(run_dir, info.rank, cfg.logging.tensorboard)
+    progress = TrainProgress(cfg.train.steps, state.step, info.rank)
+    train_flops = 3.0 * model.flops_per_token(cfg.data.seq_len)
+    peak = peak_flops(info.device)
+    result = TrainResult(step=state.step, state=state)
+
+    def evaluate() -> None:
+        ctx = EvalContext(make_val_loader=lambda: make_loader("val", info.rank, info.world_size), device=info.device,
+                          step=state.step, reduce=lambda v: D.all_reduce_mean(v, info.device))
+        scores = run_evals(engine.module, cfg.eval, ctx)
+        engine.module.train()
+        result.evals[state.step] = scores
+        logger.log(state.step, scores)
+
+    def checkpoint() -> None:
+        result.checkpoint = manager.save(
+            engine, ckpt_root, state, rank=info.rank, world_size=info.world_size, loader_state=loader.state_dict(),
+            job_config=job_config_to_dict(cfg), tokenizer_file=tok, keep=cfg.checkpoint.keep,
+            zero_stage=cfg.parallel.zero_stage)
+
+    if rng is not None:
+        manager.apply_rng(rng)  # last: nothing built above may shift the restored streams
+    elif cfg.train.eval_at_start and cfg.eval.every > 0:
+        evaluate()
+    engine.train()
+    batches = iter(loader)
+    window_start, window_tokens = time.perf_counter(), 0
+    with StopSignal() as stop:
+        while state.step < cfg.train.steps:
+            lr = lr_at(state.step)
+            set_lr(optimizer, lr)
+            loss, tokens, stop_requested = _train_step(engine, optimizer, batches, state, guard, stop, gas, info.device)
+            result.losses[state.step] = loss
+            state.step += 1
+            state.tokens += tokens
+            window_tokens += tokens
+            done = state.step == cfg.train.steps
+            stop_requested = stop_requested or state.step == cfg.train.stop_at
+            if state.step % cfg.logging.every == 0 or done:
+                elapsed = time.perf_counter() - window_start
+                tps = window_tokens / max(elapsed, 1e-9)
+                grad_norm = engine.get_global_grad_norm()
+                metrics = {"train/loss": loss, "train/lr": lr, "train/tokens": state.tokens, "train/tokens_per_s": tps,
+                           "train/nan_skipped": state.nan_skipped,
+                           "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+                util = mfu(train_flops, tps / info.world_size, peak) if peak else None
+                if util is not None:
+                    metrics["train/mfu"] = util
+                logger.log(state.step, metrics)
+                progress.update(state.step, loss=loss, tokens_per_s=tps, lr=lr, mfu=util)
+                window_start, window_tokens = time.perf_counter(), 0
+            if cfg.eval.every > 0 and (state.step % cfg.eval.every == 0 or done):
+                evaluate()
+            every = cfg.checkpoint.every
+            if stop_requested or done or (every > 0 and state.step % every == 0):
+                checkpoint()
+            if stop_requested:
+                result.stopped_by_signal = True
+                if info.is_main:
+                    why = "stop signal received" if stop.requested else "train.stop_at reached"
+                    print(f"[train] {why}; checkpoint saved at step {state.step}, exiting", flush=True)
+                break
+    if result.checkpoint is None and resume_from is not None and state.step == cfg.train.steps:
+        result.checkpoint = resume_from  # resumed with nothing left to do
+    logger.close()
+    result.step = state.step
+    return result
