@@ -17,8 +17,8 @@ with its own materialised weights (exact per-token read-after-write; b copies of
 Chunks run one after another because each needs the previous chunk's final weights.
 
 Padding convention: tokens with ``valid == 0`` leave (W, S) untouched (eta=1, alpha=0,
-outer=0 and their window gates must be 0); callers use them to align documents and carried
-partial chunks to the chunk grid. All state math runs in at least fp32.
+inner=outer=0, whatever their inputs); callers use them to align documents and carried
+partial chunks to the chunk grid; a chunk holding only padding keeps the anchor it was given. All state math runs in at least fp32.
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ def prepare_gates(
     eta = torch.where(valid, eta, torch.ones_like(eta))
     alpha = alpha * v
     if muon:
-        return torch.ones_like(theta), eta, alpha, theta * v
-    return theta, eta, alpha, v
+        return v, eta, alpha, theta * v
+    return theta * v, eta, alpha, v
 
 
 def chunked_memory_update(
@@ -113,6 +113,9 @@ def chunked_memory_update(
             new_s.append(s_tok[:, -1])
         # every token read with its own weights: (N, b, 1, d_in) through (N, b, out, in) matrices
         ys.append(memory_forward(w_tok, q[:, sl, None, :], residual)[:, :, 0])
-        w, s, anc = new_w, new_s, new_w
+        # a chunk of padding only (front alignment of a carried chunk) keeps the carried anchor
+        keep = ~valid[:, sl].any(dim=1)[:, None, None]
+        w, s = new_w, new_s
+        anc = [torch.where(keep, a, wl) for a, wl in zip(anc, new_w)]
     y = torch.cat(ys, dim=1)[:, :length]
     return y, w, s, anchors

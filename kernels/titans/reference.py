@@ -42,7 +42,7 @@ def sequential_memory_update(
     w = [t.to(cdt) for t in w]
     s = [t.to(cdt) for t in s]
     anc = [t.to(cdt) for t in anchor]
-    pos = offset
+    pos, seen = offset, False
     ys = []
     for t in range(theta.size(1)):
         grads = memory_grads(anc, k[:, t : t + 1].to(cdt), v[:, t : t + 1].to(cdt), gamma[:, t : t + 1].to(cdt), residual, bias)
@@ -52,6 +52,9 @@ def sequential_memory_update(
             w[l] = (1.0 - alpha[:, t, None, None]) * w[l] + outer[:, t, None, None] * upd
         ys.append(memory_forward(w, q[:, t : t + 1].to(cdt), residual)[:, 0])
         pos += 1
+        seen = seen or bool(valid[:, t].any())
         if pos == chunk_size:
-            anc, pos = list(w), 0
+            # a chunk of padding only keeps the carried anchor (as in chunked.py)
+            anc = list(w) if seen else anc
+            pos, seen = 0, False
     return torch.stack(ys, dim=1), w, s, anc

@@ -1,0 +1,128 @@
+"""Sliding-window causal attention with persistent memory, for MAG and MAL (and MAC's pieces).
+
+Written here because ``models/attention`` did not exist when the memory family was built; it is
+deliberately minimal: PyTorch SDPA with an explicit boolean mask (O(T * (T + window)) memory,
+fine for the CPU sizes of tests and benches; a block-sparse kernel belongs in models/attention).
+
+* Persistent memory (spec 2.5): ``n_persistent`` learned key/value pairs per head, prepended to
+  every query's context and always visible, without RoPE (they have no position). This is
+  lucidrains' cheaper variant of prepending learned tokens to the sequence.
+* RoPE on queries/keys with positions counted from each document start (the carried counter
+  continues the row's first document). The persistent keys carry no rotation, so positions
+  must restart per document for a packed row to equal its documents run alone; they are
+  derived from doc_ids, so ``position_ids`` are not read.
+* Cache (the state): the last ``window - 1`` rotated keys/values with a validity mask, so a call
+  continuing a previous one (or decoding one token) sees exactly the same context.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybrid_lm.models.common.mixer import State, linear_flops
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotate-half RoPE. x (B, H, T, d) with even d; positions (B, T) -> (B, H, T, d)."""
+    d = x.size(-1)
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float64) / d))
+    ang = positions.to(torch.float64)[:, None, :, None] * inv  # (B, 1, T, d/2)
+    cos, sin = torch.cos(ang).to(x.dtype), torch.sin(ang).to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def doc_positions(start: torch.Tensor, doc_ids: Optional[torch.Tensor], seq_len: int) -> torch.Tensor:
+    """Position of each token in its document: start (B,) carried counter -> (B, T) int64."""
+    t = torch.arange(seq_len, device=start.device)[None]
+    if doc_ids is None:
+        return start[:, None] + t
+    change = torch.zeros_like(doc_ids, dtype=torch.bool)
+    change[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    doc_start = torch.where(change, t, torch.zeros_like(t)).cummax(dim=1).values
+    return torch.where(doc_start == 0, start[:, None] + t, t - doc_start)
+
+
+class PersistentKV(nn.Module):
+    """n learned key/value pairs per head: (2, H, n, d)."""
+
+    def __init__(self, n_heads: int, head_dim: int, n: int) -> None:
+        super().__init__()
+        self.n = n
+        self.kv = nn.Parameter(torch.empty(2, n_heads, n, head_dim))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.kv, std=0.02)
+
+    def expand(self, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> keys, values (B, H, n, d)."""
+        kv = self.kv.to(dtype)
+        return kv[0].expand(batch, -1, -1, -1), kv[1].expand(batch, -1, -1, -1)
+
+
+class SlidingWindowAttention(nn.Module):
+    """Causal attention over the last ``window`` tokens of the same document, plus persistent KV."""
+
+    def __init__(self, d_model: int, n_heads: int, window: int, n_persistent: int, rope_base: float) -> None:
+        super().__init__()
+        if d_model % n_heads or (d_model // n_heads) % 2:
+            raise ValueError(f"attention needs n_heads | d_model and an even head dim, got {d_model}/{n_heads}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.n_heads, self.head_dim, self.window, self.rope_base = n_heads, d_model // n_heads, window, rope_base
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.o_proj = nn.Linear(d_model, d_model, bias=False)
+        self.o_proj.weight._is_residual_projection = True  # type: ignore[attr-defined]
+        self.persistent = PersistentKV(n_heads, self.head_dim, n_persistent) if n_persistent > 0 else None
+
+    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> State:
+        c = self.window - 1
+        return {
+            "k": torch.zeros(batch, self.n_heads, c, self.head_dim, device=device, dtype=dtype),
+            "v": torch.zeros(batch, self.n_heads, c, self.head_dim, device=device, dtype=dtype),
+            "valid": torch.zeros(batch, c, dtype=torch.bool, device=device),
+            "pos": torch.zeros(batch, dtype=torch.long, device=device),
+        }
+
+    def forward(self, x: torch.Tensor, state: Optional[State], doc_ids: Optional[torch.Tensor]) -> tuple[torch.Tensor, State]:
+        """x (B, T, D) -> (B, T, D) and the new cache."""
+        bsz, seq_len, d = x.shape
+        h, dh, c = self.n_heads, self.head_dim, self.window - 1
+        if state is None:
+            state = self.init_state(bsz, x.device, x.dtype)
+        q, k, v = self.qkv(x).view(bsz, seq_len, 3, h, dh).permute(2, 0, 3, 1, 4)  # (B, H, T, dh) each
+        pos = doc_positions(state["pos"], doc_ids, seq_len)
+        q, k = rope(q, pos, self.rope_base), rope(k, pos, self.rope_base)
+        keys = torch.cat([state["k"].to(x.dtype), k], dim=2)
+        vals = torch.cat([state["v"].to(x.dtype), v], dim=2)
+        docs = torch.zeros(bsz, seq_len, dtype=torch.long, device=x.device) if doc_ids is None else doc_ids
+        kdocs = torch.cat([docs[:, :1].expand(bsz, c), docs], dim=1)
+        kvalid = torch.cat([state["valid"], state["valid"].new_ones(bsz, seq_len)], dim=1)
+        qi = torch.arange(seq_len, device=x.device)[:, None] + c  # query index in key coordinates
+        ki = torch.arange(c + seq_len, device=x.device)[None, :]
+        mask = (ki <= qi) & (qi - ki < self.window)
+        mask = mask[None] & kvalid[:, None, :] & (kdocs[:, None, :] == docs[:, :, None])  # (B, T, c+T)
+        if self.persistent is not None:
+            pk, pv = self.persistent.expand(bsz, x.dtype)
+            keys, vals = torch.cat([pk, keys], dim=2), torch.cat([pv, vals], dim=2)
+            mask = torch.cat([mask.new_ones(bsz, seq_len, self.persistent.n), mask], dim=2)
+        out = F.scaled_dot_product_attention(q, keys[:, :, -mask.size(-1) :], vals[:, :, -mask.size(-1) :], attn_mask=mask[:, None])
+        y = self.o_proj(out.transpose(1, 2).reshape(bsz, seq_len, d))
+        n_keys = keys.size(2)
+        keep_valid = kvalid[:, kvalid.size(1) - c :] & (kdocs[:, kdocs.size(1) - c :] == docs[:, -1:])
+        new_state = {
+            "k": keys[:, :, n_keys - c :], "v": vals[:, :, n_keys - c :],
+            "valid": keep_valid, "pos": pos[:, -1] + 1,
+        }
+        return y, new_state
+
+    def flops_per_token(self, seq_len: int) -> float:
+        d = self.n_heads * self.head_dim
+        ctx = min(self.window, seq_len / 2) + (self.persistent.n if self.persistent is not None else 0)
+        return linear_flops(d, 3 * d) + linear_flops(d, d) + 4.0 * d * ctx
