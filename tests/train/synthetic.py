@@ -63,3 +63,23 @@ class SyntheticLoader:
 def factory(**kwargs):
     """A LoaderFactory for ``train(cfg, make_loader=...)``."""
     return lambda split, rank, world_size: SyntheticLoader(split, rank, world_size, **kwargs)
+
+
+def job_dict(run_dir, *, steps: int = 8, zero_stage: int = 0, gas: int = 1, **sections) -> dict:
+    """A JobConfig dict for a model of ~30k parameters on SyntheticLoader(vocab=64, seq_len=32, batch 2).
+
+    MLP-only on purpose: these tests exercise the engine, not the families, and must stay fast.
+    ``sections`` merge into the sections of the same name (``train={"stop_at": 4}``).
+    """
+    base = {
+        "model": {"vocab_size": 64, "d_model": 32, "layer_pattern": "--"},
+        "data": {"seq_len": 32, "micro_batch_size": 2},
+        "parallel": {"zero_stage": zero_stage, "gradient_accumulation": gas},
+        "train": {"steps": steps, "run_dir": str(run_dir), "seed": 0, "eval_at_start": False},
+        "checkpoint": {"every": 0, "keep": 2},
+        "logging": {"every": 1, "tensorboard": False},
+        "eval": {"every": 0},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return base

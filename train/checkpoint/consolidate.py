@@ -11,14 +11,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hybrid_lm.models.config import ModelConfig
 from hybrid_lm.train.checkpoint import layout
 from hybrid_lm.train.checkpoint.manager import DS_TAG
 from hybrid_lm.typed_config import from_dict
+
+if TYPE_CHECKING:
+    from hybrid_lm.models.config import ModelConfig
 
 
 @dataclass
@@ -45,6 +47,8 @@ def _stage0_state_dict(ds_dir: Path) -> dict[str, torch.Tensor]:
 
 def load_model_state(path: Path) -> LoadedModel:
     """Weights and configs of a run dir (its newest complete checkpoint) or a checkpoint dir."""
+    from hybrid_lm.models.config import ModelConfig
+
     ckpt = layout.resolve_checkpoint(Path(path))
     meta = layout.verify(ckpt)
     job_config = json.loads((ckpt / "config.json").read_text())

@@ -1,0 +1,87 @@
+"""The training loop in one process on the synthetic loader: learning, exact resume, NaN skip,
+divergence abort, corrupted-checkpoint fallback, init_from."""
+import shutil
+
+import pytest
+import torch
+
+import synthetic
+from hybrid_lm.train.checkpoint import layout, load_model_state
+from hybrid_lm.train.config import job_config_from_dict
+from hybrid_lm.train.faults import TrainingDiverged
+from hybrid_lm.train.loop import train
+
+
+def _run(run_dir, **kw):
+    return train(job_config_from_dict(synthetic.job_dict(run_dir, **kw)), make_loader=synthetic.factory())
+
+
+def test_loss_falls(tmp_path):
+    result = _run(tmp_path, steps=60, eval={"every": 60}, train={"eval_at_start": True},
+                  schedule={}, optim={"lr": 1e-2})
+    before, after = result.evals[0]["val/loss"], result.evals[60]["val/loss"]
+    assert before > 3.5  # ~log(64) at init
+    assert after < before - 1.0, (before, after)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_exact_resume_single_process(tmp_path, zero_stage):
+    straight = _run(tmp_path / "a", steps=8, zero_stage=zero_stage, gas=2)
+    first = _run(tmp_path / "b", steps=8, zero_stage=zero_stage, gas=2, train={"stop_at": 4})
+    assert first.stopped_by_signal and first.step == 4
+    second = _run(tmp_path / "b", steps=8, zero_stage=zero_stage, gas=2)
+    assert sorted(second.losses) == [4, 5, 6, 7]
+    assert {**first.losses, **second.losses} == straight.losses  # bitwise
+    a, b = load_model_state(straight.checkpoint), load_model_state(second.checkpoint)
+    assert a.step == b.step == 8
+    for name, tensor in a.state_dict.items():
+        assert torch.equal(tensor, b.state_dict[name]), name
+
+
+def test_nan_step_is_skipped_and_counted(tmp_path, capsys):
+    result = _run(tmp_path, steps=7, train={"debug_nan_steps": [5]}, checkpoint={"every": 1, "keep": 10})
+    assert result.state.nan_skipped == 1 and result.state.consecutive_nan == 0
+    assert result.losses[5] != result.losses[5]  # NaN logged for the skipped step
+    weights = {s: load_model_state(tmp_path / "checkpoints" / layout.step_dir_name(s)).state_dict for s in (5, 6, 7)}
+    assert all(torch.equal(weights[5][k], weights[6][k]) for k in weights[5])  # step index 5 changed nothing
+    assert not all(torch.equal(weights[6][k], weights[7][k]) for k in weights[6])
+    assert "step 5: non-finite loss" in capsys.readouterr().err
+
+
+def test_consecutive_nans_abort_with_a_clear_message(tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"2 consecutive non-finite losses \(steps 2\.\.3.*max_consecutive_nan=2"):
+        _run(tmp_path, steps=6, train={"debug_nan_steps": [2, 3], "max_consecutive_nan": 2})
+
+
+def test_corrupted_newest_checkpoint_falls_back(tmp_path, capsys):
+    straight = _run(tmp_path / "a", steps=6)
+    _run(tmp_path / "b", steps=6, checkpoint={"every": 2, "keep": 3}, train={"stop_at": 4})
+    newest = tmp_path / "b" / "checkpoints" / "step-0000004"
+    victim = sorted((newest / "ds").glob("*model_states.pt"))[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    capsys.readouterr()
+    resumed = _run(tmp_path / "b", steps=6, checkpoint={"every": 2, "keep": 3})
+    err = capsys.readouterr().err
+    assert f"skipping step-0000004: {victim}: sha256 mismatch" in err
+    assert sorted(resumed.losses) == [2, 3, 4, 5]  # continued from step 2
+    assert resumed.losses == {k: v for k, v in straight.losses.items() if k >= 2}
+
+
+def test_init_from_training_checkpoint(tmp_path):
+    source = _run(tmp_path / "src", steps=3)
+    weights = load_model_state(source.checkpoint).state_dict
+    result = _run(tmp_path / "dst", steps=3, train={"init_from": str(tmp_path / "src"), "stop_at": 1})
+    # step 0 of the new run starts from the source's final weights: its loss matches a fresh
+    # forward of those weights on the same first batch
+    from hybrid_lm.models.config import ModelConfig
+    from hybrid_lm.models.hybrid import HybridLM
+    from hybrid_lm.typed_config import from_dict
+
+    model = HybridLM(from_dict(ModelConfig, synthetic.job_dict(tmp_path)["model"]))
+    model.load_state_dict(weights)
+    batch = next(iter(synthetic.SyntheticLoader("train", 0, 1)))
+    expected = model(batch["input_ids"], labels=batch["labels"]).loss.item()
+    assert result.losses[0] == pytest.approx(expected, rel=1e-6)
+    shutil.rmtree(tmp_path / "src")

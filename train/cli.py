@@ -1,0 +1,63 @@
+"""``hybrid-lm train CONFIG [key.sub=value ...]``: validate the config, then train.
+
+    hybrid-lm train configs/debug.yaml train.steps=50                      # 1 process
+    hybrid-lm train configs/debug.yaml --nproc-per-node 2                  # 2 local processes (torchrun)
+    torchrun --nproc_per_node 2 -m hybrid_lm.cli train configs/tiny.yaml   # same, launched by hand
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 \
+        -m hybrid_lm.cli train configs/tiny.yaml                           # 2 nodes
+
+The config is parsed and validated here, in the launching process, so an unknown key or a wrong
+type fails with its name before any worker (or GPU) is touched. Exit codes: 0 finished or stopped
+by SIGTERM/SIGUSR1 after a checkpoint, 2 bad config, 3 diverged (too many NaN steps).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from hybrid_lm.typed_config import ConfigError
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML/TOML/JSON job config (see configs/ and train/README.md)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 parallel.zero_stage=2")
+    parser.add_argument("--nproc-per-node", type=int, default=0,
+                        help="validate here, then start this many local workers with torchrun")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+
+
+def main(args: argparse.Namespace) -> int:
+    from hybrid_lm.train.config import job_config_to_dict, load_job_config
+
+    try:
+        cfg = load_job_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"hybrid-lm train: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(job_config_to_dict(cfg), indent=2))
+        return 0
+    if args.nproc_per_node > 0 and "LOCAL_RANK" not in os.environ:
+        from torch.distributed.run import main as torchrun_main
+
+        from hybrid_lm.train.distributed import free_port
+
+        argv = [f"--nproc_per_node={args.nproc_per_node}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                "-m", "hybrid_lm.cli", "train", args.config, *args.overrides]
+        torchrun_main(argv)
+        return 0
+    from hybrid_lm.train.faults import TrainingDiverged
+    from hybrid_lm.train.loop import train
+
+    try:
+        train(cfg)
+    except TrainingDiverged as exc:
+        print(f"hybrid-lm train: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        from hybrid_lm.train.distributed import destroy_distributed
+
+        destroy_distributed()
+    return 0
