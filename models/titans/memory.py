@@ -106,7 +106,8 @@ class NeuralMemory(Layer):
         sdt = torch.promote_types(dtype, torch.float32)
         state: State = {"offset": torch.zeros(batch_size, dtype=torch.long, device=device)}
         for l, w in enumerate(self.w0):
-            w_b = w.detach().to(device=device, dtype=sdt)[None].expand(batch_size, *w.shape).clone()
+            # not detached: with no carried state the learned W_0 must receive gradients
+            w_b = w.to(device=device, dtype=sdt)[None].expand(batch_size, *w.shape).clone()
             state[f"w{l}"], state[f"a{l}"], state[f"s{l}"] = w_b, w_b.clone(), torch.zeros_like(w_b)
         c3 = 3 * s.n_heads * s.head_dim
         kc = max(s.conv_size - 1, 0)
