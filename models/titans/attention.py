@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid_lm.models.common.mixer import State, linear_flops
+from hybrid_lm.models.common.mixer import Layer, State, linear_flops
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
@@ -126,3 +126,31 @@ class SlidingWindowAttention(nn.Module):
         d = self.n_heads * self.head_dim
         ctx = min(self.window, seq_len / 2) + (self.persistent.n if self.persistent is not None else 0)
         return linear_flops(d, 3 * d) + linear_flops(d, d) + 4.0 * d * ctx
+
+
+class WindowAttentionLayer(Layer):
+    """The attention above as a stand-alone ``Layer`` (not registered: the ``A`` letter belongs to
+    models/attention). Used as the memory-free baseline in the learning test and the benchmark."""
+
+    stateful = True
+
+    def __init__(self, attn: SlidingWindowAttention) -> None:
+        super().__init__()
+        self.attn = attn
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, *, state: Optional[State] = None, doc_ids: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None, return_state: bool = False,
+    ) -> tuple[torch.Tensor, Optional[State]]:
+        y, s = self.attn(x, state, doc_ids)
+        return y, (s if return_state else None)
+
+    def step(self, x: torch.Tensor, state: Optional[State]) -> tuple[torch.Tensor, Optional[State]]:
+        y, s = self.attn(x[:, None], state, None)
+        return y[:, 0], s
+
+    def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> State:
+        return self.attn.init_state(batch_size, device, dtype)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return self.attn.flops_per_token(seq_len)

@@ -1,0 +1,108 @@
+"""CPU benchmark of the neural memory (Titans/ATLAS) kernels and layers.
+
+Run: ``python bench/bench_memory.py`` (add ``--quick`` for a smoke run).
+
+Reports, as medians of ``torch.utils.benchmark.Timer`` in one run (ratios, not absolute times,
+are what holds on shared CPUs; see /work/shared/PERFORMANCE.md):
+1. chunked kernel vs the per-token oracle at T = 512, 1024, 2048, outputs asserted equal;
+2. chunked time and peak memory at T vs 2T (a linear layer stays near 2x);
+3. training-step throughput of a MAC hybrid relative to an attention-only model of equal width
+   (the attention baseline is this family's sliding-window attention with the window set to the
+   full length, i.e. full causal attention, since models/attention is another engineer's module).
+"""
+from __future__ import annotations
+
+import argparse
+import tracemalloc
+
+import torch
+import torch.nn.functional as F
+from torch.utils.benchmark import Timer
+
+from hybrid_lm.kernels.titans.chunked import chunked_memory_update
+from hybrid_lm.kernels.titans.memory_mlp import memory_dims
+from hybrid_lm.kernels.titans.reference import sequential_memory_update
+from hybrid_lm.models.config import ModelConfig
+from hybrid_lm.models.hybrid import HybridLM
+from hybrid_lm.models.titans.attention import SlidingWindowAttention, WindowAttentionLayer
+
+
+def kernel_inputs(length: int, heads: int = 4, d: int = 16, depth: int = 2, chunk: int = 16) -> tuple:
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(heads, *s, generator=g) * 0.2 for s in memory_dims(d, d, depth, 2)]
+    s = [torch.zeros_like(x) for x in w]
+    k = F.normalize(torch.randn(heads, length, 1, d, generator=g), dim=-1)
+    v = torch.randn(heads, length, 1, d, generator=g)
+    q = F.normalize(torch.randn(heads, length, d, generator=g), dim=-1)
+    gates = [torch.rand(heads, length, generator=g) * sc for sc in (0.1, 0.5, 0.05)]
+    return (w, s, w, k, v, torch.ones(heads, length, 1), q, *gates, torch.ones(heads, length, dtype=torch.bool), chunk)
+
+
+def median(stmt: str, env: dict, min_run: float) -> float:
+    return Timer(stmt, globals=env, num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=min_run).median
+
+
+def peak_bytes(fn) -> int:  # type: ignore[no-untyped-def]
+    tracemalloc.start()
+    fn()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    lengths = [128, 256] if args.quick else [512, 1024, 2048]
+    min_run = 0.2 if args.quick else 1.0
+    print("## chunked vs per-token oracle (4 heads, d_head 16, depth 2, chunk 16, fp32, forward)")
+    print("| T | chunked ms | oracle ms | speed-up | max |dy| |")
+    print("|---|---|---|---|---|")
+    with torch.no_grad():
+        for length in lengths:
+            a = kernel_inputs(length)
+            y1 = chunked_memory_update(*a, residual=True)[0]
+            y2 = sequential_memory_update(*a, residual=True)[0]
+            err = (y1 - y2).abs().max().item()
+            assert err < 1e-4, err
+            env = {"f": chunked_memory_update, "g": sequential_memory_update, "a": a}
+            tc = median("f(*a, residual=True)", env, min_run)
+            ts = median("g(*a, residual=True)", env, min_run)
+            print(f"| {length} | {tc * 1e3:.1f} | {ts * 1e3:.1f} | {ts / tc:.1f}x | {err:.1e} |")
+        print("\n## scaling of the chunked kernel: T vs 2T")
+        print("| T | time ratio 2T/T | peak-memory ratio 2T/T |")
+        print("|---|---|---|")
+        for length in lengths[:-1]:
+            a1, a2 = kernel_inputs(length), kernel_inputs(2 * length)
+            env = {"f": chunked_memory_update, "a1": a1, "a2": a2}
+            t1, t2 = median("f(*a1, residual=True)", env, min_run), median("f(*a2, residual=True)", env, min_run)
+            m1 = peak_bytes(lambda: chunked_memory_update(*a1, residual=True))
+            m2 = peak_bytes(lambda: chunked_memory_update(*a2, residual=True))
+            print(f"| {length} | {t2 / t1:.2f} | {m2 / m1:.2f} |")
+    print("\n## training step throughput: MAC hybrid vs attention-only (d_model 64, 4 blocks, batch 2)")
+    length = 256 if args.quick else 1024
+    rows = []
+    for name, memory in (("MAC hybrid C-C-", True), ("attention only (full causal) A-A-", False)):
+        torch.manual_seed(0)
+        cfg = ModelConfig(d_model=64, layer_pattern="C-C-", vocab_size=256)
+        cfg.titans.segment_len, cfg.titans.chunk_size, cfg.titans.memory_expansion = 64, 16, 2
+        model = HybridLM(cfg)
+        if not memory:
+            for block in model.blocks[::2]:
+                block.layer = WindowAttentionLayer(SlidingWindowAttention(64, cfg.titans.n_heads, length, 0, 1e4))
+        ids = torch.randint(0, 256, (2, length))
+
+        def train_step() -> None:
+            model.zero_grad()
+            model(ids, labels=ids).loss.backward()
+
+        t = median("s()", {"s": train_step}, min_run)
+        rows.append((name, 2 * length / t))
+    base = rows[-1][1]
+    for name, tps in rows:
+        print(f"| {name} | {tps:.0f} tok/s | {tps / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
