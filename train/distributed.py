@@ -40,10 +40,8 @@ def free_port() -> int:
 
 def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     """Join (or create) the default process group through DeepSpeed's comm layer; idempotent."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if launched else 0
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
@@ -52,9 +50,13 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     if not dist.is_initialized():
         import deepspeed
 
-        deepspeed.init_distributed(
-            dist_backend=backend, timeout=timedelta(seconds=timeout_s), auto_mpi_discovery=False, verbose=False
-        )
+        # Without torchrun: a private 1-rank group on a fresh port, leaving os.environ alone so
+        # child processes (tests, the main job's helpers) do not inherit a rendezvous in use.
+        extra = {} if launched else {"init_method": f"tcp://127.0.0.1:{free_port()}", "rank": 0, "world_size": 1}
+        if not launched:
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine asserts it exists
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
+                                   auto_mpi_discovery=False, verbose=False, **extra)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 

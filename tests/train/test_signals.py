@@ -1,5 +1,6 @@
 """SIGTERM mid-run: the trainer finishes the step, writes a complete checkpoint and exits 0."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -28,8 +29,9 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_zero(tmp_path):
     run_dir = tmp_path / "run"
     job = synthetic.job_dict(run_dir, steps=100_000, checkpoint={"every": 0})
     (tmp_path / "job.json").write_text(json.dumps(job))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     proc = subprocess.Popen([sys.executable, str(HERE / "run_synthetic.py"), str(tmp_path / "job.json")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         _first_metrics_line(run_dir, proc)
         proc.send_signal(signal.SIGTERM)
