@@ -92,7 +92,7 @@ def train(cfg: JobConfig, *, make_loader: Optional[LoaderFactory] = None) -> Tra
         loader.load_state_dict(loader_state)
         if info.is_main:
             print(f"[train] resumed from {resume_from} at step {state.step}", flush=True)
-    lr_at = build_lr_schedule(cfg.schedule, cfg.train.steps)
+    lr_at = build_lr_schedule(cfg.schedule, cfg.train.steps, cfg.optim.lr)
     guard = NanGuard(cfg.train.max_consecutive_nan, cfg.train.debug_nan_steps)
     logger = MetricsLogger(run_dir, info.rank, cfg.logging.tensorboard)
     progress = TrainProgress(cfg.train.steps, state.step, info.rank)
