@@ -1,0 +1,106 @@
+"""The model-only directory: our own weights and config, nothing about training.
+
+Layout (what ``hybrid-lm import`` writes and ``train.init_from`` / ``hybrid-lm export`` read)::
+
+    model.safetensors    our parameter names (``embed.weight``, ``blocks.{i}.layer.*``, ...)
+    model_config.json    the ModelConfig as plain data (``typed_config.to_dict``)
+    tokenizer.json       optional, copied from the tokenizer dir given at save time
+
+Tied embeddings are stored once (safetensors refuses shared storage); ``load_model_dir`` puts
+``lm_head.weight`` back so the state dict has the same keys as ``HybridLM.state_dict()``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hybrid_lm.models.config import ModelConfig
+from hybrid_lm.typed_config import from_dict, to_dict
+
+WEIGHTS = "model.safetensors"
+CONFIG = "model_config.json"
+TOKENIZER = "tokenizer.json"
+
+
+class ExportError(ValueError):
+    """An export/import that cannot be done faithfully; the message says what disagrees."""
+
+
+def is_model_dir(path: Path) -> bool:
+    return (Path(path) / CONFIG).is_file() and (Path(path) / WEIGHTS).is_file()
+
+
+def prepare_out_dir(out: Path, force: bool) -> None:
+    """Refuse a non-empty output folder unless ``force`` (then it is emptied first)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise ExportError(f"{out}: not empty (pass --force to overwrite)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def save_model_dir(out: Path, config: ModelConfig, state_dict: dict[str, torch.Tensor],
+                   tokenizer_dir: Optional[Path] = None, *, force: bool = False) -> Path:
+    """Write ``state_dict`` (our names) and ``config`` to ``out``; returns ``out``."""
+    out = Path(out)
+    check_state_dict(config, state_dict)
+    prepare_out_dir(out, force)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    if config.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+    (out / CONFIG).write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    if tokenizer_dir is not None and (Path(tokenizer_dir) / TOKENIZER).is_file():
+        shutil.copyfile(Path(tokenizer_dir) / TOKENIZER, out / TOKENIZER)
+    return out
+
+
+def load_model_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Optional[Path]]:
+    """(config, state dict with our names, tokenizer dir or None) of a model-only directory."""
+    path = Path(path)
+    if not is_model_dir(path):
+        raise ExportError(f"{path}: not a model-only directory (needs {CONFIG} and {WEIGHTS})")
+    config = from_dict(ModelConfig, json.loads((path / CONFIG).read_text()), "model")
+    state = load_file(str(path / WEIGHTS))
+    if config.tie_embeddings and "lm_head.weight" not in state and "embed.weight" in state:
+        state["lm_head.weight"] = state["embed.weight"]
+    check_state_dict(config, state)
+    return config, state, path if (path / TOKENIZER).is_file() else None
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of ``HybridLM(config).state_dict()``, built on the meta device (no memory)."""
+    from hybrid_lm.models.hybrid import HybridLM
+
+    with torch.device("meta"):
+        model = HybridLM(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> None:
+    """Raise ExportError naming missing/unexpected keys and shape mismatches against ``config``."""
+    expected = expected_shapes(config)
+    have = set(state_dict)
+    if config.tie_embeddings:
+        have.add("lm_head.weight")
+    missing = sorted(set(expected) - have)
+    unexpected = sorted(have - set(expected))
+    wrong = [f"{k}: {tuple(state_dict[k].shape)} != {expected[k]}" for k in sorted(set(expected) & set(state_dict))
+             if tuple(state_dict[k].shape) != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    if wrong:
+        problems.append(f"shape mismatches {wrong}")
+    if problems:
+        raise ExportError(f"weights disagree with the config (pattern {config.layer_pattern!r}): " + "; ".join(problems))
