@@ -1,26 +1,28 @@
 """Learning-rate schedules as pure functions of the step (spec/09-lr-schedules.md).
 
-    lr_at = build_lr_schedule(cfg.schedule, total_steps=cfg.train.steps, peak_lr=cfg.optim.lr)
+    lr_at = build_lr_schedule(cfg.schedule, total_steps=cfg.train.steps)
     lr = lr_at(step)
 
 A pure function of the step means there is no scheduler object whose state could drift: a resumed
-run recomputes exactly the learning rate the uninterrupted run had at that step.
+run recomputes exactly the learning rate the uninterrupted run had at that step. The functions
+also accept fractional steps, which is how the tests check continuity at phase boundaries.
 
-Kinds:
+Kinds (peak ``lr``, warm-up ``N_w`` steps linear from 0):
 
-* ``cosine``: linear warm-up to the peak, cosine decay to ``min_lr_ratio * peak`` at the last step.
-* ``wsd``: warm-up, stable at the peak, then a decay over the last ``decay_fraction`` of the steps
-  to ``min_lr_ratio * peak`` with a linear, cosine or 1-sqrt shape.
-* ``infinite``: warm-up, cosine cool-down to ``constant_lr_ratio * peak`` over ``cooldown_steps``,
-  constant (the "infinite" phase; continual pretraining adds data here without re-warming), then
-  an exponential anneal to ``min_lr_ratio * peak`` over the last ``anneal_steps`` (0 = never anneal).
-* ``constant``: warm-up then the peak.
+* ``cosine``: cosine decay from the peak to ``min_lr_ratio * lr`` at the last step.
+* ``wsd``: stable at the peak, then a decay over the last ``decay_fraction`` of the steps to
+  ``min_lr_ratio * lr`` with a linear, cosine or 1-sqrt shape (spec §9.2).
+* ``infinite`` (spec §9.1): cosine cool-down to ``constant_lr_ratio * lr`` over ``cooldown_steps``,
+  constant (the "infinite" phase; continual pretraining adds data here without re-warming), then an
+  exponential anneal to ``min_lr_ratio * lr`` over the last ``anneal_steps`` (0 = never anneal, so a
+  branch of the run can anneal while the main run continues at the plateau).
+* ``constant``: the peak after warm-up.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Optional
 
 from hybrid_lm.typed_config import ConfigError
 
@@ -28,11 +30,13 @@ from hybrid_lm.typed_config import ConfigError
 @dataclass
 class ScheduleConfig:
     kind: Literal["cosine", "wsd", "infinite", "constant"] = "cosine"
-    """shape of the schedule; the peak is ``optim.lr``"""
+    """shape of the schedule"""
+    lr: Optional[float] = None
+    """peak learning rate; None: the trainer passes the optimizer's ``optim.lr`` as ``peak_lr``"""
     warmup_steps: int = 20
-    """linear warm-up from 0 over this many steps"""
+    """linear warm-up from 0 to the peak over this many steps"""
     min_lr_ratio: float = 0.1
-    """final lr as a fraction of the peak (cosine, wsd, infinite's anneal target)"""
+    """final lr as a fraction of the peak (cosine, wsd, and the target of infinite's anneal)"""
     decay_fraction: float = 0.2
     """wsd: fraction of all steps spent in the final decay"""
     decay_shape: Literal["linear", "cosine", "1-sqrt"] = "1-sqrt"
@@ -42,29 +46,44 @@ class ScheduleConfig:
     constant_lr_ratio: float = 0.25
     """infinite: the constant plateau as a fraction of the peak"""
     anneal_steps: int = 0
-    """infinite: steps of the exponential anneal at the end of the run (0 = stay constant)"""
+    """infinite: steps of the exponential anneal that ends the run (0 = stay on the plateau)"""
 
 
-def _validate(cfg: ScheduleConfig, total_steps: int) -> None:
+def _validate(cfg: ScheduleConfig, total_steps: int, peak: Optional[float]) -> float:
     def fail(name: str, message: str) -> None:
         raise ConfigError(f"schedule.{name}: {message}")
 
+    if peak is None:
+        fail("lr", "no peak learning rate (set schedule.lr, or pass the optimizer's lr as peak_lr)")
+    assert peak is not None
+    if not peak > 0:
+        fail("lr", f"must be > 0, got {peak}")
+    if total_steps < 1:
+        raise ConfigError(f"train.steps: must be >= 1, got {total_steps}")
     if cfg.warmup_steps < 0:
         fail("warmup_steps", f"must be >= 0, got {cfg.warmup_steps}")
     if cfg.warmup_steps > total_steps:
         fail("warmup_steps", f"{cfg.warmup_steps} exceeds the run's {total_steps} steps")
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:
         fail("min_lr_ratio", f"must be in [0, 1], got {cfg.min_lr_ratio}")
-    if cfg.kind == "wsd" and not 0.0 <= cfg.decay_fraction <= 1.0:
-        fail("decay_fraction", f"must be in [0, 1], got {cfg.decay_fraction}")
+    if cfg.kind == "wsd":
+        if not 0.0 <= cfg.decay_fraction <= 1.0:
+            fail("decay_fraction", f"must be in [0, 1], got {cfg.decay_fraction}")
+        if cfg.warmup_steps + round(cfg.decay_fraction * total_steps) > total_steps:
+            fail("decay_fraction", f"warm-up ({cfg.warmup_steps}) plus the decay "
+                 f"({round(cfg.decay_fraction * total_steps)}) exceeds the run's {total_steps} steps")
     if cfg.kind == "infinite":
+        if cfg.cooldown_steps < 0 or cfg.anneal_steps < 0:
+            fail("cooldown_steps" if cfg.cooldown_steps < 0 else "anneal_steps", "must be >= 0")
         if not 0.0 < cfg.constant_lr_ratio <= 1.0:
             fail("constant_lr_ratio", f"must be in (0, 1], got {cfg.constant_lr_ratio}")
-        if cfg.anneal_steps > 0 and cfg.min_lr_ratio <= 0:
-            fail("min_lr_ratio", "the exponential anneal needs a positive target")
-        if cfg.warmup_steps + cfg.cooldown_steps + cfg.anneal_steps > total_steps:
-            fail("cooldown_steps", f"warmup + cooldown + anneal = "
-                 f"{cfg.warmup_steps + cfg.cooldown_steps + cfg.anneal_steps} exceeds the run's {total_steps} steps")
+        if cfg.anneal_steps > 0 and not 0.0 < cfg.min_lr_ratio <= cfg.constant_lr_ratio:
+            # an exponential decay cannot reach 0, and must go down from the plateau
+            fail("min_lr_ratio", f"the anneal needs 0 < min_lr_ratio <= constant_lr_ratio, got {cfg.min_lr_ratio}")
+        used = cfg.warmup_steps + cfg.cooldown_steps + cfg.anneal_steps
+        if used > total_steps:
+            fail("cooldown_steps", f"warmup + cooldown + anneal = {used} exceeds the run's {total_steps} steps")
+    return peak
 
 
 def _decay(shape: str, progress: float) -> float:
@@ -76,52 +95,54 @@ def _decay(shape: str, progress: float) -> float:
     return 1.0 - math.sqrt(progress)
 
 
-def build_lr_schedule(cfg: ScheduleConfig, total_steps: int, peak_lr: float) -> Callable[[int], float]:
-    """The absolute learning rate at each step 0..total_steps (validated; ConfigError names the field)."""
-    _validate(cfg, total_steps)
-    warmup = cfg.warmup_steps
-    min_lr = cfg.min_lr_ratio * peak_lr
+def build_lr_schedule(cfg: ScheduleConfig, total_steps: int, peak_lr: Optional[float] = None) -> Callable[[int], float]:
+    """The absolute learning rate at each step 0..total_steps; ConfigError names a bad field.
 
-    def warm(step: int) -> float:
-        return peak_lr * step / warmup
+    The peak is ``cfg.lr`` when set, else ``peak_lr`` (the optimizer's lr, for configs that keep
+    the peak in ``optim.lr``). Steps past ``total_steps`` hold the final value.
+    """
+    peak = _validate(cfg, total_steps, cfg.lr if cfg.lr is not None else peak_lr)
+    warmup = cfg.warmup_steps
+    min_lr = cfg.min_lr_ratio * peak
+
+    def warm(step: float) -> float:
+        return peak * step / warmup
 
     if cfg.kind == "constant":
-        return lambda step: warm(step) if step < warmup else peak_lr
+        return lambda step: warm(step) if step < warmup else peak
 
     if cfg.kind == "cosine":
         span = max(total_steps - warmup, 1)
 
-        def cosine(step: int) -> float:
+        def cosine(step: float) -> float:
             if step < warmup:
                 return warm(step)
-            progress = min((step - warmup) / span, 1.0)
-            return min_lr + (peak_lr - min_lr) * _decay("cosine", progress)
+            return min_lr + (peak - min_lr) * _decay("cosine", min((step - warmup) / span, 1.0))
 
         return cosine
 
     if cfg.kind == "wsd":
         decay_steps = round(cfg.decay_fraction * total_steps)
-        decay_start = max(total_steps - decay_steps, warmup)
+        decay_start = total_steps - decay_steps
 
-        def wsd(step: int) -> float:
+        def wsd(step: float) -> float:
             if step < warmup:
                 return warm(step)
             if step < decay_start or decay_steps == 0:
-                return peak_lr
-            progress = min((step - decay_start) / decay_steps, 1.0)
-            return min_lr + (peak_lr - min_lr) * _decay(cfg.decay_shape, progress)
+                return peak
+            return min_lr + (peak - min_lr) * _decay(cfg.decay_shape, min((step - decay_start) / decay_steps, 1.0))
 
         return wsd
 
-    const_lr = cfg.constant_lr_ratio * peak_lr
+    const_lr = cfg.constant_lr_ratio * peak
     cooldown_end = warmup + cfg.cooldown_steps
     anneal_start = total_steps - cfg.anneal_steps
 
-    def infinite(step: int) -> float:
+    def infinite(step: float) -> float:
         if step < warmup:
             return warm(step)
         if step < cooldown_end:
-            return const_lr + (peak_lr - const_lr) * _decay("cosine", (step - warmup) / cfg.cooldown_steps)
+            return const_lr + (peak - const_lr) * _decay("cosine", (step - warmup) / cfg.cooldown_steps)
         if cfg.anneal_steps == 0 or step < anneal_start:
             return const_lr
         progress = min((step - anneal_start) / cfg.anneal_steps, 1.0)
