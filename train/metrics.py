@@ -1,12 +1,20 @@
 """Metrics out of the training loop: JSONL always, TensorBoard when installed, a rank-0 progress bar, MFU.
 
+    logger = MetricsLogger(run_dir, rank, tensorboard=cfg.logging.tensorboard)
+    meter = Throughput(window=20)
+    ...  # each step: rate = meter.update(tokens_this_step)
+    logger.log(step, {"train/loss": loss, "train/tokens_per_s": rate, "train/mfu": mfu(fpt, rate, peak)})
+
 MFU convention (PERFORMANCE.md, Megatron's): training FLOPs per token = 3 x forward FLOPs per token
-(forward + backward), forward FLOPs from ``HybridLM.flops_per_token`` (matmuls 2*m*n, the causal
-attention core counted once over the average context). ``mfu`` takes the *training* FLOPs per token
-(the loop multiplies by 3) and the tokens/s of one device, against the dense bf16 peak of that device.
+(the backward pass costs twice the forward), forward FLOPs from ``HybridLM.flops_per_token`` (matmuls
+2*m*n, the causal attention core counted once over the real packed context). ``mfu`` takes the
+*training* FLOPs per token (already x3) and the tokens/s of one device, against that device's dense
+bf16 peak (H100 SXM and H200: 989 TFLOP/s, A100: 312 TFLOP/s). Rank 0's tokens/s divided by the
+world size is one device's rate when the ranks run in lockstep, as data parallelism does.
 """
 from __future__ import annotations
 
+import collections
 import json
 import time
 import warnings
@@ -15,8 +23,8 @@ from typing import Optional
 
 import torch
 
-# Dense bf16 tensor-core peaks (no sparsity), FLOP/s.
-_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+# Dense bf16 tensor-core peaks (no structured sparsity), FLOP/s, matched against the CUDA device name.
+_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
 
 def peak_flops(device: torch.device) -> Optional[float]:
@@ -30,11 +38,42 @@ def peak_flops(device: torch.device) -> Optional[float]:
     return None
 
 
-def mfu(train_flops_per_token: float, tokens_per_s: float, peak: Optional[float]) -> Optional[float]:
-    """Model FLOPs utilisation in [0, 1]: achieved training FLOP/s of one device over its peak."""
+def mfu(flops_per_token: float, tokens_per_s: float, peak: Optional[float]) -> Optional[float]:
+    """Model FLOPs utilisation in [0, 1]: ``flops_per_token`` (training = 3 x forward) x tokens/s of
+    one device over its ``peak``; None when the peak is unknown (CPU)."""
     if not peak:
         return None
-    return train_flops_per_token * tokens_per_s / peak
+    return flops_per_token * tokens_per_s / peak
+
+
+class Throughput:
+    """Tokens/s over the last ``window`` steps, so a slow first step (compilation, warm-up) or an
+    eval pause fades out instead of dragging the whole-run average. Call ``reset()`` after a pause."""
+
+    def __init__(self, window: int = 20) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        # (end time, tokens of the step that ended then); the first mark only sets the start time
+        self._marks: collections.deque[tuple[float, int]] = collections.deque(maxlen=window + 1)
+        self.reset()
+
+    def reset(self, now: Optional[float] = None) -> None:
+        """Start timing afresh from ``now`` (default: the current time)."""
+        self._marks.clear()
+        self._marks.append((time.perf_counter() if now is None else now, 0))
+
+    def update(self, tokens: int, now: Optional[float] = None) -> float:
+        """Record a finished step of ``tokens`` tokens; returns tokens/s over the window."""
+        self._marks.append((time.perf_counter() if now is None else now, tokens))
+        return self.tokens_per_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        if len(self._marks) < 2:
+            return 0.0
+        elapsed = self._marks[-1][0] - self._marks[0][0]
+        tokens = sum(t for _, t in list(self._marks)[1:])
+        return tokens / elapsed if elapsed > 0 else 0.0
 
 
 class MetricsLogger:
@@ -49,7 +88,7 @@ class MetricsLogger:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: tail -f and crashes
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -57,12 +96,13 @@ class MetricsLogger:
                 self._tb = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError:
                 warnings.warn("logging.tensorboard is set but tensorboard is not installed "
-                              "(pip install 'hybrid-lm[tensorboard]'); logging to metrics.jsonl only")
+                              "(pip install 'hybrid-lm[tensorboard]'); logging to metrics.jsonl only",
+                              RuntimeWarning, stacklevel=2)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self._file is None:
             return
-        record = {"step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
+        record = {"step": int(step), "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         if self._tb is not None:
             for key, value in metrics.items():
@@ -78,38 +118,46 @@ class MetricsLogger:
 
 
 class TrainProgress:
-    """A tqdm bar over optimizer steps on rank 0 (none elsewhere), showing loss, tokens/s, lr, MFU."""
+    """A tqdm bar over optimizer steps on rank 0 (none elsewhere), showing loss, tokens/s, lr, MFU.
+
+    ``disable=None`` follows tqdm's own rule (off when the output is not a terminal, as in a batch
+    job's log); True or False force it."""
 
     def __init__(self, total_steps: int, initial_step: int, rank: int, disable: Optional[bool] = None) -> None:
         self._bar = None
-        if rank == 0 and not disable:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
         self._step = initial_step
+        if rank != 0 or disable is True:
+            return
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True,
+                         disable=disable)
 
     def update(self, step: int, **postfix: Optional[float]) -> None:
         if self._bar is None:
             return
         self._bar.update(step - self._step)
         self._step = step
-        shown = {}
-        for key, value in postfix.items():
-            if value is None:
-                continue
-            if key == "tokens_per_s":
-                shown["tok/s"] = f"{value:,.0f}"
-            elif key == "mfu":
-                shown["mfu"] = f"{100 * value:.1f}%"
-            elif key == "lr":
-                shown["lr"] = f"{value:.2e}"
-            else:
-                shown[key] = f"{value:.4f}"
-        self._bar.set_postfix(shown, refresh=False)
-        if step >= self._bar.total:
-            self.close()
+        self._bar.set_postfix(format_postfix(postfix), refresh=False)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def format_postfix(values: dict[str, Optional[float]]) -> dict[str, str]:
+    """Short human forms for the bar: tokens/s with thousands separators, MFU in percent, lr in e-notation."""
+    shown = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        if key == "tokens_per_s":
+            shown["tok/s"] = f"{value:,.0f}"
+        elif key == "mfu":
+            shown["mfu"] = f"{100 * value:.1f}%"
+        elif key == "lr":
+            shown["lr"] = f"{value:.2e}"
+        else:
+            shown[key] = f"{value:.4f}"
+    return shown
