@@ -1,33 +1,37 @@
-"""Eval hooks: named evaluations the trainer runs every ``eval.every`` steps and at the end.
+"""Eval hooks: named evaluations the trainer runs every ``eval.every`` steps and when training ends.
 
     eval:
       every: 100
       hooks: [val_loss, position_loss, passkey]
 
 A hook is a function ``(model, ctx, cfg) -> dict[str, float]`` registered by name with
-``@register_eval_hook("name")``; later evals (associative recall, ...) plug in the same way and
-are selected from the config. Built in:
+``@register_eval_hook("name")``; later evals (associative recall, ...) plug in the same way and are
+selected by name from the config. Built in:
 
-* ``val_loss``: token-weighted mean cross-entropy on the validation split (``val/loss``) and its
-  perplexity (``val/ppl``).
-* ``position_loss``: the same loss bucketed by position in the sequence
-  (``val/position_loss/0-63`` ...): where long-context ability degrades, the late buckets rise.
-* ``passkey``: greedy retrieval of a 5-digit pass key hidden in filler text, at the lengths in
-  ``eval.passkey_lengths`` (byte-level tokenizers only, ids == bytes).
+* ``val_loss``: token-weighted mean cross-entropy over labels != -100 on the validation split
+  (``val_loss``) and its perplexity (``val_ppl``).
+* ``position_loss``: the same loss in ``position_buckets`` equal-width buckets of the position in
+  the sequence (``position_loss/0-255``, ...). Long-context degradation shows as late buckets that
+  stop improving, which a single mean hides.
+* ``passkey``: greedy retrieval of a 5-digit pass key hidden in filler text at the lengths in
+  ``eval.passkey_lengths`` and the depths in ``eval.passkey_depths`` (``passkey/1024`` = accuracy).
+  The prompts are built from bytes, so it needs a byte-level tokenizer (vocab >= 256, ids == bytes).
 
-Sums are reduced across data-parallel ranks with ``ctx.reduce`` (a mean over ranks; a ratio of
-means is the ratio of sums, so token weighting survives).
+Cross-rank reduction goes through ``ctx.reduce(numerator_sum, count)`` -> the sums over ranks, so
+every score is a ratio of global sums (token weighting survives ranks with unequal token counts).
 """
 from __future__ import annotations
 
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from hybrid_lm.typed_config import ConfigError
 
 Batch = dict[str, torch.Tensor]
 Hook = Callable[[nn.Module, "EvalContext", "EvalConfig"], dict[str, float]]
@@ -38,15 +42,25 @@ class EvalConfig:
     every: int = 0
     """run the hooks every N optimizer steps (0: only when training ends)"""
     hooks: list[str] = field(default_factory=lambda: ["val_loss", "position_loss"])
-    """names of registered eval hooks to run"""
+    """names of registered eval hooks to run, in order"""
     max_batches: Optional[int] = None
     """validation batches per rank per evaluation (None: the whole split)"""
     position_buckets: int = 8
-    """position_loss: equal-width buckets over the sequence"""
-    passkey_lengths: list[int] = field(default_factory=lambda: [256, 512])
-    """passkey: prompt lengths in tokens (bytes)"""
-    passkey_trials: int = 4
-    """passkey: prompts per length (depths spread evenly)"""
+    """position_loss: equal-width buckets over the sequence length"""
+    passkey_lengths: list[int] = field(default_factory=lambda: [256, 1024])
+    """passkey: prompt lengths in bytes (= tokens for a byte-level tokenizer)"""
+    passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    """passkey: where the key sits, as a fraction of the filler before it"""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"eval.every: must be >= 0, got {self.every}")
+        if self.position_buckets < 1:
+            raise ConfigError(f"eval.position_buckets: must be >= 1, got {self.position_buckets}")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise ConfigError(f"eval.max_batches: must be >= 1 or null, got {self.max_batches}")
+        if any(not 0.0 <= d <= 1.0 for d in self.passkey_depths):
+            raise ConfigError(f"eval.passkey_depths: every depth must be in [0, 1], got {self.passkey_depths}")
 
 
 @dataclass
@@ -54,19 +68,24 @@ class EvalContext:
     make_val_loader: Callable[[], Iterable[Batch]]
     """a fresh validation loader for this rank"""
     device: torch.device
+    """where the model lives; batches are moved here"""
     step: int
-    reduce: Optional[Callable[[float], float]] = None
-    """mean of a float across data-parallel ranks (identity when None)"""
+    """the optimizer step being evaluated (seeds the passkey prompts)"""
+    reduce: Optional[Callable[[float, float], tuple[float, float]]] = None
+    """(sum, count) on this rank -> (sum, count) over the data-parallel ranks; identity when None"""
 
-    def all_mean(self, value: float) -> float:
-        return self.reduce(value) if self.reduce is not None else value
+    def sum_over_ranks(self, total: float, count: float) -> tuple[float, float]:
+        return self.reduce(total, count) if self.reduce is not None else (total, count)
 
 
 _HOOKS: dict[str, Hook] = {}
 
 
 def register_eval_hook(name: str) -> Callable[[Hook], Hook]:
+    """Decorator: make ``fn(model, ctx, cfg) -> dict[str, float]`` selectable as ``eval.hooks: [name]``."""
     def wrap(fn: Hook) -> Hook:
+        if name in _HOOKS and _HOOKS[name] is not fn:
+            raise ValueError(f"eval hook {name!r} is already registered ({_HOOKS[name].__module__})")
         _HOOKS[name] = fn
         return fn
 
@@ -74,14 +93,15 @@ def register_eval_hook(name: str) -> Callable[[Hook], Hook]:
 
 
 def eval_hooks() -> dict[str, Hook]:
+    """The registered hooks by name."""
     return dict(_HOOKS)
 
 
 def run_evals(model: nn.Module, cfg: EvalConfig, ctx: EvalContext) -> dict[str, float]:
-    """Run every hook named in ``cfg.hooks`` in eval mode without gradients; restores train mode."""
+    """Run every hook named in ``cfg.hooks`` in eval mode without gradients; restores the train mode."""
     unknown = [h for h in cfg.hooks if h not in _HOOKS]
     if unknown:
-        raise KeyError(f"eval.hooks: unknown hook {unknown[0]!r} (known: {', '.join(sorted(_HOOKS))})")
+        raise ConfigError(f"eval.hooks: unknown hook {unknown[0]!r} (known: {', '.join(sorted(_HOOKS))})")
     was_training = model.training
     model.eval()
     scores: dict[str, float] = {}
@@ -94,8 +114,8 @@ def run_evals(model: nn.Module, cfg: EvalConfig, ctx: EvalContext) -> dict[str, 
     return scores
 
 
-def _token_losses(model: nn.Module, ctx: EvalContext, cfg: EvalConfig) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (per-token loss (B, T), mask (B, T)) over at most ``max_batches`` validation batches."""
+def token_losses(model: nn.Module, ctx: EvalContext, cfg: EvalConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (per-token loss (B, T) float32, mask (B, T) bool of labels != -100) per validation batch."""
     for i, batch in enumerate(ctx.make_val_loader()):
         if cfg.max_batches is not None and i >= cfg.max_batches:
             break
@@ -110,68 +130,90 @@ def _token_losses(model: nn.Module, ctx: EvalContext, cfg: EvalConfig) -> Iterab
 @register_eval_hook("val_loss")
 def val_loss(model: nn.Module, ctx: EvalContext, cfg: EvalConfig) -> dict[str, float]:
     total, count = 0.0, 0.0
-    for loss, mask in _token_losses(model, ctx, cfg):
-        total += float(loss[mask].sum())
+    for loss, mask in token_losses(model, ctx, cfg):
+        total += float(loss[mask].double().sum())
         count += float(mask.sum())
-    total, count = ctx.all_mean(total), ctx.all_mean(count)
+    total, count = ctx.sum_over_ranks(total, count)
     if count == 0:
-        raise RuntimeError("val_loss: the validation split yielded no tokens")
+        raise RuntimeError("val_loss: the validation split yielded no labelled tokens")
     mean = total / count
-    return {"val/loss": mean, "val/ppl": math.exp(min(mean, 50.0))}
+    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 700.0))}  # exp overflows past ~709
 
 
 @register_eval_hook("position_loss")
 def position_loss(model: nn.Module, ctx: EvalContext, cfg: EvalConfig) -> dict[str, float]:
-    sums: Optional[torch.Tensor] = None
-    counts: Optional[torch.Tensor] = None
-    seq_len = 0
-    for loss, mask in _token_losses(model, ctx, cfg):
-        seq_len = loss.shape[1]
-        if sums is None:
-            sums = torch.zeros(seq_len, dtype=torch.float64)
-            counts = torch.zeros(seq_len, dtype=torch.float64)
-        sums += (loss * mask).sum(0).double().cpu()
-        counts += mask.sum(0).double().cpu()
-    if sums is None or counts is None:
+    sums = torch.zeros(0, dtype=torch.float64)
+    counts = torch.zeros(0, dtype=torch.float64)
+    for loss, mask in token_losses(model, ctx, cfg):
+        t = loss.shape[1]
+        if t > sums.numel():  # a longer batch than seen so far: extend the per-position sums
+            sums = torch.cat([sums, sums.new_zeros(t - sums.numel())])
+            counts = torch.cat([counts, counts.new_zeros(t - counts.numel())])
+        sums[:t] += (loss * mask).sum(0).double().cpu()
+        counts[:t] += mask.sum(0).double().cpu()
+    seq_len = sums.numel()
+    if seq_len == 0:
         return {}
-    n = max(1, min(cfg.position_buckets, seq_len))
-    edges = [round(i * seq_len / n) for i in range(n + 1)]
+    n = min(cfg.position_buckets, seq_len)
+    edges = [i * seq_len // n for i in range(n + 1)]
     out = {}
     for lo, hi in zip(edges[:-1], edges[1:]):
-        s, c = ctx.all_mean(float(sums[lo:hi].sum())), ctx.all_mean(float(counts[lo:hi].sum()))
+        s, c = ctx.sum_over_ranks(float(sums[lo:hi].sum()), float(counts[lo:hi].sum()))
         if c > 0:
-            out[f"val/position_loss/{lo}-{hi - 1}"] = s / c
+            out[f"position_loss/{lo}-{hi - 1}"] = s / c
     return out
 
 
 _FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+_QUESTION = "What is the pass key? The pass key is "
 
 
 def passkey_prompt(length: int, depth: float, key: int) -> tuple[str, str]:
-    """A prompt of ``length`` bytes hiding ``key`` at relative ``depth``; returns (prompt, answer)."""
+    """An ASCII prompt of ``length`` bytes hiding ``key`` after ``depth`` of the filler; returns (prompt, answer)."""
     needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
-    question = "What is the pass key? The pass key is "
-    room = max(0, length - len(needle) - len(question))
+    room = length - len(needle) - len(_QUESTION)
+    if room < 0:
+        raise ConfigError(f"eval.passkey_lengths: {length} is shorter than the needle and question "
+                          f"({len(needle) + len(_QUESTION)} bytes)")
     filler = (_FILLER * (room // len(_FILLER) + 1))[:room]
     cut = int(depth * room)
-    return filler[:cut] + needle + filler[cut:] + question, str(key)
+    return filler[:cut] + needle + filler[cut:] + _QUESTION, str(key)
+
+
+def _vocab_size(model: nn.Module, device: torch.device) -> int:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None:  # no config: ask the model itself
+        vocab = model(torch.zeros(1, 1, dtype=torch.long, device=device)).logits.shape[-1]
+    return int(vocab)
+
+
+def greedy_continuation(model: nn.Module, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """ids (1, T) -> the next ``n`` greedy tokens (n,): ``model.generate`` when it has one, else an
+    argmax loop over full forwards (quadratic, fine for the short answers decoded here)."""
+    if hasattr(model, "generate"):
+        return model.generate(ids, max_new_tokens=n)[0, ids.shape[1]:]
+    for _ in range(n):
+        nxt = model(ids).logits[:, -1].argmax(-1)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+    return ids[0, -n:]
 
 
 @register_eval_hook("passkey")
 def passkey(model: nn.Module, ctx: EvalContext, cfg: EvalConfig) -> dict[str, float]:
-    vocab = getattr(getattr(model, "config", None), "vocab_size", 0)
-    if vocab < 256 or not hasattr(model, "generate"):
-        raise RuntimeError("passkey eval needs a byte-level model (vocab >= 256, ids == bytes) with generate()")
-    rng = random.Random(ctx.step)
+    vocab = _vocab_size(model, ctx.device)
+    if vocab < 256:
+        raise ConfigError(f"eval.hooks: passkey needs a byte-level tokenizer (vocab >= 256, ids == bytes); "
+                          f"this model's vocab is {vocab}")
+    rng = random.Random(ctx.step)  # same keys on every rank and for a re-run of the same step
     out = {}
     for length in cfg.passkey_lengths:
         correct = 0
-        for trial in range(cfg.passkey_trials):
-            depth = (trial + 0.5) / cfg.passkey_trials
+        for depth in cfg.passkey_depths:
             prompt, answer = passkey_prompt(length, depth, rng.randrange(10000, 100000))
-            ids = torch.tensor([list(prompt.encode())], device=ctx.device)
-            generated = model.generate(ids, max_new_tokens=len(answer))[0, ids.shape[1]:]
-            text = bytes(t for t in generated.tolist() if t < 256).decode(errors="replace")
-            correct += text == answer
-        out[f"val/passkey/{length}"] = ctx.all_mean(correct / cfg.passkey_trials)
+            ids = torch.tensor([list(prompt.encode("ascii"))], device=ctx.device)
+            generated = greedy_continuation(model, ids, len(answer)).tolist()
+            correct += bytes(t if t < 256 else 0 for t in generated) == answer.encode("ascii")
+        # every rank scored the same prompts, so the summed ratio is this rank's accuracy
+        hits, total = ctx.sum_over_ranks(float(correct), float(len(cfg.passkey_depths)))
+        out[f"passkey/{length}"] = hits / total if total else float("nan")
     return out
