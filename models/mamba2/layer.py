@@ -1,0 +1,190 @@
+"""The Mamba-2 mixer (SSD), layer letter ``M``, following spec 01 §1.2-1.7.
+
+    zxbcdt = in_proj(u)                       split [z, xBC, dt]  sizes [d_inner, conv_dim, H]
+    xBC    = SiLU(causal depthwise conv(xBC))  split [x, B, C]     sizes [d_inner, G·N, G·N]
+    dt     = softplus(dt + dt_bias)  (fp32);   A = -exp(A_log)
+    y      = SSD(x, dt, A, B, C) + D·x;        out = out_proj(GatedRMSNorm(y, z))
+
+Parameter names are mamba_ssm's / HF ``Mamba2Mixer``'s (``in_proj, conv1d, dt_bias, A_log, D,
+norm.weight, out_proj``) so checkpoints map by prefix only (``hf_mapping.py``).
+
+State: ``conv`` (B, conv_dim, d_conv-1), the last pre-conv xBC inputs in the activations' dtype,
+and ``ssm`` (B, H, P, N) in fp32 (fp64 for fp64 models). The training path is the PyTorch chunked SSD
+(``kernels/ssd/chunked.py``); mamba_ssm's fused kernels replace it on CUDA when installed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybrid_lm.kernels.ssd.chunked import ssd_chunked
+from hybrid_lm.models.common.mixer import Layer, State, linear_flops
+from hybrid_lm.models.mamba2 import backends
+from hybrid_lm.models.mamba2.conv import causal_conv, conv_step, final_conv_state
+from hybrid_lm.models.mamba2.norm import GatedRMSNorm
+
+
+class Mamba2(Layer):
+    stateful = True
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 64,
+        d_conv: int = 4,
+        expand: int = 2,
+        headdim: int = 32,
+        ngroups: int = 1,
+        chunk_size: int = 64,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        A_init_range: tuple[float, float] = (1.0, 16.0),
+        conv_bias: bool = True,
+        bias: bool = False,
+        norm_before_gate: bool = False,
+        norm_eps: float = 1e-5,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        self.headdim, self.ngroups, self.chunk_size = headdim, ngroups, chunk_size
+        self.nheads = self.d_inner // headdim
+        self.conv_dim = self.d_inner + 2 * ngroups * d_state
+        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
+        self.A_init_range = A_init_range
+        self.backend = backend
+
+        self.in_proj = nn.Linear(d_model, self.d_inner + self.conv_dim + self.nheads, bias=bias)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1, bias=conv_bias
+        )
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads))
+        self.A_log = nn.Parameter(torch.empty(self.nheads))
+        self.D = nn.Parameter(torch.empty(self.nheads))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True  # type: ignore[attr-defined]
+        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // ngroups, eps=norm_eps, norm_before_gate=norm_before_gate)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        self.out_proj.weight._is_residual_projection = True  # type: ignore[attr-defined]
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Spec §1.5: dt log-uniform in [dt_min, dt_max] stored as inverse softplus, A ~ U(range),
+        D = 1, conv PyTorch default, norm weight 1. Linear layers are left to the stack."""
+        dev = self.dt_bias.device
+        lo, hi = math.log(self.dt_min), math.log(self.dt_max)
+        dt = torch.exp(torch.rand(self.nheads, device=dev) * (hi - lo) + lo).clamp(min=self.dt_init_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        a = torch.empty(self.nheads, device=dev).uniform_(*self.A_init_range)
+        self.A_log.copy_(torch.log(a))
+        self.D.fill_(1.0)
+        self.conv1d.reset_parameters()
+        self.norm.reset_parameters()
+
+    def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> State:
+        """conv (B, conv_dim, d_conv-1) zeros in ``dtype``; ssm (B, H, P, N) zeros in fp32."""
+        return {
+            "conv": torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
+            "ssm": torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
+                               dtype=torch.promote_types(dtype, torch.float32)),
+        }
+
+    def _split_xbc(self, xbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """xBC (..., conv_dim) -> x (..., H, P), B (..., G, N), C (..., G, N)."""
+        gn = self.ngroups * self.d_state
+        x, b, c = torch.split(xbc, [self.d_inner, gn, gn], dim=-1)
+        lead = xbc.shape[:-1]
+        return (
+            x.reshape(*lead, self.nheads, self.headdim),
+            b.reshape(*lead, self.ngroups, self.d_state),
+            c.reshape(*lead, self.ngroups, self.d_state),
+        )
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        *,
+        state: Optional[State] = None,
+        doc_ids: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        return_state: bool = False,
+    ) -> tuple[torch.Tensor, Optional[State]]:
+        """u (B, L, D) -> (B, L, D); ``state`` continues a previous call (first document only)."""
+        batch, length, _ = x.shape
+        z, xbc, dt_raw = torch.split(self.in_proj(x), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        conv_in = xbc.transpose(1, 2)  # (B, conv_dim, L)
+        conv_state = None if state is None else state["conv"]
+        weight = self.conv1d.weight[:, 0]  # (conv_dim, K)
+        if backends.use_conv_kernel(x, self.backend, conv_state is not None):  # pragma: no cover - CUDA
+            seq_idx = None if doc_ids is None else backends.seq_idx_from_doc_ids(doc_ids)
+            xbc = backends.causal_conv1d_fn(conv_in, weight, self.conv1d.bias, seq_idx=seq_idx, activation="silu")
+            new_conv = None
+            if return_state:
+                zeros = conv_in.new_zeros(batch, self.conv_dim, self.d_conv - 1)
+                new_conv = final_conv_state(conv_in, zeros, doc_ids)
+        else:
+            xbc, new_conv = causal_conv(conv_in, weight, self.conv1d.bias, conv_state, doc_ids)
+            xbc = F.silu(xbc)
+        xs, bm, cm = self._split_xbc(xbc.transpose(1, 2))
+        work = torch.promote_types(x.dtype, torch.float32)
+        dt = F.softplus(dt_raw.to(work) + self.dt_bias.to(work))  # (B, L, H), fp32 at least
+        A = -torch.exp(self.A_log.to(work))
+        ssm_state = None if state is None else state["ssm"]
+
+        if backends.use_mamba_kernels(x, self.backend):  # pragma: no cover - CUDA
+            seq_idx = None if doc_ids is None else backends.seq_idx_from_doc_ids(doc_ids)
+            out = backends.mamba_chunk_scan_combined(
+                xs, dt, A, bm, cm, self.chunk_size, D=self.D.float(), initial_states=ssm_state,
+                seq_idx=seq_idx, return_final_states=return_state,
+            )
+        else:
+            out = ssd_chunked(
+                xs, dt, A, bm, cm, self.chunk_size, D=self.D, initial_state=ssm_state,
+                doc_ids=doc_ids, return_final_state=return_state,
+            )
+        y, final = (out if return_state else (out, None))
+        y = self.norm(y.reshape(batch, length, self.d_inner), z)
+        y = self.out_proj(y)
+        if not return_state:
+            return y, None
+        return y, {"conv": new_conv, "ssm": final}
+
+    def step(self, x: torch.Tensor, state: Optional[State]) -> tuple[torch.Tensor, Optional[State]]:
+        """Decode one token (spec §1.6): u (B, D) -> y (B, D), updated conv and ssm states."""
+        if state is None:
+            state = self.init_state(x.size(0), device=x.device, dtype=x.dtype)
+        z, xbc, dt_raw = torch.split(self.in_proj(x), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        xbc, conv = conv_step(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, state["conv"])
+        xs, bm, cm = self._split_xbc(F.silu(xbc))  # (B, H, P), (B, G, N), (B, G, N)
+        rep = self.nheads // self.ngroups
+        work = torch.promote_types(x.dtype, torch.float32)  # fp32 state even under bf16
+        bh = bm.to(work).repeat_interleave(rep, dim=1)  # (B, H, N)
+        ch = cm.to(work).repeat_interleave(rep, dim=1)
+        dt = F.softplus(dt_raw.to(work) + self.dt_bias.to(work))  # (B, H)
+        dA = torch.exp(dt * -torch.exp(self.A_log.to(work)))
+        xf = xs.to(work)
+        ssm = state["ssm"].to(work) * dA[..., None, None] + (dt[..., None] * xf)[..., None] * bh[:, :, None, :]
+        y = torch.einsum("bhpn,bhn->bhp", ssm, ch) + self.D.to(work)[:, None] * xf
+        y = self.norm(y.reshape(x.size(0), self.d_inner).to(x.dtype), z)
+        return self.out_proj(y), {"conv": conv, "ssm": ssm}
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Projections, conv and the chunked scan as computed: Q x Q scores per group and their
+        application per head (full blocks), plus chunk-state and state-output contractions."""
+        d, di, h, p, n, g = self.d_model, self.d_inner, self.nheads, self.headdim, self.d_state, self.ngroups
+        q = min(self.chunk_size, seq_len)
+        proj = linear_flops(d, self.in_proj.out_features) + linear_flops(di, d)
+        conv = 2.0 * self.conv_dim * self.d_conv
+        scan = 2.0 * g * q * n + 2.0 * h * q * p + 2 * 2.0 * h * p * n
+        return proj + conv + scan
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.nheads}, headdim={self.headdim}, d_state={self.d_state}, "
+                f"ngroups={self.ngroups}, chunk={self.chunk_size}")
