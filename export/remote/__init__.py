@@ -1,0 +1,73 @@
+"""The remote-code export: for layer families transformers has no class for (Titans, ATLAS, ...).
+
+The output folder carries its own model code: hybrid-lm's model source vendored by ``vendor.py``
+plus the two fixed files in ``template/`` (a ``PretrainedConfig`` holding the ModelConfig dict and
+a ``PreTrainedModel`` + ``GenerationMixin`` wrapping ``HybridLM``). ``config.json`` names them in
+``auto_map``, so ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works on a
+machine with only torch and transformers. A new family needs nothing here: its registered builder's
+module is found through the registry and vendored with everything it imports.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from hybrid_lm.export.remote.vendor import vendor
+from hybrid_lm.export.weights import cast, save_sharded
+from hybrid_lm.models.common.registry import get_layer_spec
+from hybrid_lm.models.config import ModelConfig
+from hybrid_lm.typed_config import to_dict
+
+TEMPLATE = Path(__file__).parent / "template"
+CORE_MODULES = ["hybrid_lm.models.config", "hybrid_lm.models.hybrid", "hybrid_lm.models.common.mixer",
+                "hybrid_lm.models.common.registry", "hybrid_lm.typed_config"]
+PREFIX = "model."
+
+
+def family_modules(config: ModelConfig) -> list[str]:
+    """The modules whose import registers the letters of ``config.layer_pattern``: the builder's own
+    module and its package (whose ``__init__`` is what the registry imports)."""
+    modules: set[str] = set()
+    for letter in sorted(set(config.layer_pattern)):
+        module = get_layer_spec(letter).build.__module__
+        modules.add(module)
+        package = module.rsplit(".", 1)[0]
+        if package.startswith("hybrid_lm.models.") and package != "hybrid_lm.models.common":
+            modules.add(package)
+    return sorted(modules)
+
+
+def write_remote(out_dir: Path, config: ModelConfig, state_dict: dict[str, torch.Tensor], *,
+                 dtype: torch.dtype, max_shard_size: int | str, special_ids: dict[str, int | None]) -> None:
+    """Code, ``config.json`` and weights of a remote-code export into ``out_dir`` (existing, empty)."""
+    out_dir = Path(out_dir)
+    stems = vendor(CORE_MODULES + family_modules(config), out_dir)
+    lines = ['"""Names every vendored hybrid-lm file so transformers copies them with the model code."""']
+    lines += [f"from .{stem} import __name__ as _{stem}  # noqa: F401" for stem in stems]
+    (out_dir / "vendored_files.py").write_text("\n".join(lines) + "\n")
+    for name in ("configuration_hybrid_lm.py", "modeling_hybrid_lm.py"):
+        shutil.copyfile(TEMPLATE / name, out_dir / name)
+
+    weights = {PREFIX + k: v for k, v in state_dict.items()}
+    if config.tie_embeddings:
+        weights.pop(PREFIX + "lm_head.weight", None)
+    save_sharded(cast(weights, dtype), out_dir, max_shard_size)
+
+    hf_config = {
+        "architectures": ["HybridLMForCausalLM"],
+        "model_type": "hybrid_lm",
+        "auto_map": {"AutoConfig": "configuration_hybrid_lm.HybridLMConfig",
+                     "AutoModelForCausalLM": "modeling_hybrid_lm.HybridLMForCausalLM"},
+        "hybrid_lm": to_dict(config),
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_blocks,
+        "tie_word_embeddings": config.tie_embeddings,
+        "use_cache": False,
+        "dtype": str(dtype).removeprefix("torch."),
+        **special_ids,
+    }
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
