@@ -71,3 +71,22 @@ def write_remote(out_dir: Path, config: ModelConfig, state_dict: dict[str, torch
         **special_ids,
     }
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+
+
+class RemoteAdapter:
+    """Adapter-table entry for the remote-code path (see ``hybrid_lm.export.adapters``)."""
+
+    name = "remote"
+    hf_class = "HybridLMForCausalLM (remote code)"
+
+    def unsupported(self, config: ModelConfig) -> str | None:
+        try:
+            family_modules(config)
+        except KeyError as exc:
+            return str(exc)
+        return None
+
+    def write(self, out_dir: Path, config: ModelConfig, state_dict: dict[str, torch.Tensor], *,
+              dtype: torch.dtype, max_shard_size: int | str, special_ids: dict[str, int | None]) -> None:
+        write_remote(out_dir, config, state_dict, dtype=dtype, max_shard_size=max_shard_size,
+                     special_ids=special_ids)

@@ -1,0 +1,55 @@
+"""Fixtures shared by the export tests: tiny random models per architecture, saved as model dirs.
+
+Every model here is a few thousand parameters so that a whole export/load/generate round takes a
+second or two on one CPU thread.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from hybrid_lm.data.tokenizer import Tokenizer
+from hybrid_lm.export.model_dir import save_model_dir
+from hybrid_lm.models import HybridLM, ModelConfig
+from hybrid_lm.typed_config import from_dict
+
+SMALL = {"vocab_size": 258, "d_model": 32, "attention": {"n_heads": 4, "n_kv_heads": 2},
+         "mamba2": {"d_state": 8, "headdim": 16, "chunk_size": 8}, "mlp": {"hidden_size": 48}}
+
+#: architecture -> layer pattern (and extra config) of the tiny model that exercises it
+CASES = {
+    "llama": {"layer_pattern": "A-A-"},
+    "mamba2": {"layer_pattern": "MM"},
+    "bamba": {"layer_pattern": "M-A-"},
+    "remote_titans": {"layer_pattern": "M-G-A-", "titans": {"chunk_size": 4, "window": 8}},
+    "remote_window": {"layer_pattern": "MA-", "attention": {"n_heads": 4, "n_kv_heads": 2, "window": 6}},
+}
+
+
+def tiny_config(case: str, **overrides) -> ModelConfig:
+    data = {**SMALL, **CASES[case], **overrides}
+    return from_dict(ModelConfig, data, "model")
+
+
+def tiny_model(config: ModelConfig, seed: int = 0) -> HybridLM:
+    torch.manual_seed(seed)
+    model = HybridLM(config).eval()
+    with torch.no_grad():
+        # random norms and Mamba parameters, so a swapped or dropped tensor changes the logits
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def save_tiny(tmp: Path, case: str, **overrides) -> tuple[Path, HybridLM]:
+    config = tiny_config(case, **overrides)
+    model = tiny_model(config)
+    tok_dir = tmp / "tok"
+    Tokenizer.byte_level().save(tok_dir)
+    return save_model_dir(tmp / f"src_{case}", config, model.state_dict(), tok_dir), model
+
+
+def prompt(batch: int = 2, length: int = 11, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
