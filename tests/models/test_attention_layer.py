@@ -1,0 +1,99 @@
+"""Attention layer: KV-cache continuation, decode == forward, windows, packed documents, RoPE."""
+import pytest
+import torch
+
+from hybrid_lm.models.attention import Attention
+from hybrid_lm.models.attention.rope import apply_rope, rope_cos_sin
+
+CASES = {"mha": dict(n_heads=4), "gqa": dict(n_heads=4, n_kv_heads=2), "gqa-window5": dict(n_heads=4, n_kv_heads=1, window=5),
+         "window1": dict(n_heads=2, window=1)}
+
+
+def make(case, seed=0):
+    torch.manual_seed(seed)
+    return Attention(32, **CASES[case]).double()
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+@pytest.mark.parametrize("split", [1, 9], ids=["s1", "s9"])
+def test_two_halves_via_cache(case, split):
+    layer = make(case)
+    x = torch.randn(2, 20, 32, dtype=torch.float64)
+    y, _ = layer(x)
+    y1, s = layer(x[:, :split], return_state=True)
+    y2, s = layer(x[:, split:], state=s, return_state=True)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y, rtol=0, atol=1e-12)
+    assert int(s["pos"][0]) == 20
+    window = CASES[case].get("window")
+    assert s["k"].size(2) == (20 if window is None else window - 1)
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_step_equals_forward(case):
+    layer = make(case)
+    x = torch.randn(2, 15, 32, dtype=torch.float64)
+    y, _ = layer(x)
+    _, state = layer(x[:, :4], return_state=True)
+    outs = []
+    for t in range(4, 15):
+        yt, state = layer.step(x[:, t], state)
+        outs.append(yt)
+    torch.testing.assert_close(torch.stack(outs, 1), y[:, 4:], rtol=0, atol=1e-12)
+
+
+def test_window_limits_context():
+    """With window W the output at t does not depend on tokens before t - W + 1."""
+    layer = make("gqa-window5")
+    x = torch.randn(1, 12, 32, dtype=torch.float64)
+    x2 = x.clone()
+    x2[:, :6] = torch.randn(1, 6, 32, dtype=torch.float64)
+    y, _ = layer(x)
+    y2, _ = layer(x2)
+    torch.testing.assert_close(y[:, 10:], y2[:, 10:], rtol=0, atol=1e-12)
+    assert (y[:, 6:10] - y2[:, 6:10]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("case", ["gqa", "gqa-window5"], ids=["full", "window"])
+@pytest.mark.parametrize("cut", [1, 7], ids=["doc-of-1", "doc-of-7"])
+def test_packed_documents_equal_separate_runs(case, cut):
+    layer = make(case)
+    x = torch.randn(2, 18, 32, dtype=torch.float64)
+    doc_ids = torch.tensor([[0] * cut + [1] * (18 - cut)] * 2)
+    pos = torch.cat([torch.arange(cut), torch.arange(18 - cut)])[None].expand(2, 18)
+    y, state = layer(x, doc_ids=doc_ids, position_ids=pos, return_state=True)
+    ya, _ = layer(x[:, :cut])
+    yb, sb = layer(x[:, cut:], return_state=True)
+    torch.testing.assert_close(y, torch.cat([ya, yb], 1), rtol=0, atol=1e-12)
+    # decoding after the packed row continues the last document only
+    yn, _ = layer.step(x[:, 0], state)
+    yn_ref, _ = layer.step(x[:, 0], sb)
+    torch.testing.assert_close(yn, yn_ref, rtol=0, atol=1e-12)
+
+
+def test_rope_matches_hf_llama_rotary():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    rot = LlamaRotaryEmbedding(cfg)
+    q, k = torch.randn(2, 4, 9, 16), torch.randn(2, 4, 9, 16)
+    pos = torch.arange(3, 12)[None].expand(2, 9)
+    cos_hf, sin_hf = rot(q, pos)
+    q_hf, k_hf = apply_rotary_pos_emb(q, k, cos_hf, sin_hf)
+    cos, sin = rope_cos_sin(pos, 16, 500.0, q.dtype)
+    torch.testing.assert_close(apply_rope(q, cos, sin), q_hf)
+    torch.testing.assert_close(apply_rope(k, cos, sin), k_hf)
+
+
+def test_flops_per_token():
+    layer = Attention(32, n_heads=4, n_kv_heads=2)
+    proj = 2 * 32 * 32 + 2 * (2 * 32 * 16) + 2 * 32 * 32
+    assert layer.flops_per_token(100) == proj + 4 * 32 * 50
+    windowed = Attention(32, n_heads=4, n_kv_heads=2, window=10)
+    assert windowed.flops_per_token(100) == proj + 4 * 32 * 5
+
+
+def test_parameter_names_and_residual_mark():
+    layer = Attention(32, n_heads=4, n_kv_heads=2)
+    assert {n for n, _ in layer.named_parameters()} == {f"{p}_proj.weight" for p in "qkvo"}
+    assert layer.o_proj.weight._is_residual_projection
