@@ -1,0 +1,43 @@
+"""``DataConfig``: the ``data:`` section of a job config, consumed by ``build_loader``.
+
+A plain typed dataclass so ``hybrid_lm.typed_config.from_dict`` can build it strictly from YAML;
+the docstring string under each field is the user-facing documentation of that key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+
+@dataclass
+class DataConfig:
+    path: str = "artifacts/data"
+    """folder (or ``pipe:``/URL prefix) holding ``manifest.json``, ``tokenizer.json`` and the shards"""
+    seq_len: int = 256
+    """tokens per packed row (T of the (B, T) batch)"""
+    micro_batch_size: int = 8
+    """rows per batch (B) on each data-parallel rank"""
+    num_workers: int = 0
+    """DataLoader worker processes per rank; 0 reads in the main process. Part of the data order:
+    a run must resume with the same value"""
+    seed: int = 0
+    """seed of the shard order (per epoch) and of the sample order inside each shard"""
+    prefetch_factor: int = 2
+    """batches each worker prepares ahead (only with num_workers > 0)"""
+    bad_shard_policy: Literal["skip", "raise"] = "skip"
+    """a truncated/corrupt shard is skipped with a warning and counted, or raises naming it"""
+    verify_checksums: bool = False
+    """check each shard's sha256 against the manifest when it is opened (costs one extra hash)"""
+    expected_vocab_size: Optional[int] = None
+    """when set, start-up fails unless the manifest's vocab size matches (the model's vocab)"""
+    tokenizer_fingerprint: Optional[str] = None
+    """when set, start-up fails unless the manifest's tokenizer sha256 matches"""
+
+    def validate(self) -> None:
+        from hybrid_lm.data.errors import DataError
+
+        for name in ("seq_len", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise DataError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise DataError(f"data.num_workers must be >= 0, got {self.num_workers}")

@@ -1,0 +1,190 @@
+"""``build_loader``: a resumable, rank- and worker-sharded stream of packed (B, T) batches.
+
+Built around one idea: every reader's output is a pure function of (manifest, seed, epoch,
+reader id, cursor), so the loader owns the order instead of trusting torch or webdataset to.
+
+* Equal batches per rank. Each epoch every reader gets the same batch quota, computed from the
+  manifest alone: ``floor(min_r tokens_r / (B*T))`` for ``train`` (each reader drops its stream's
+  tail past the quota, at most B*T tokens plus the imbalance between readers; balanced by having
+  a multiple of ``world_size * max(1, num_workers)`` similar-sized shards) and
+  ``ceil(max_r tokens_r / (B*T))`` for ``val`` (nothing dropped; short readers pad with label
+  -100). So every rank yields ``quota * W`` batches per epoch and no collective can hang.
+* Order across workers. Workers take turns strictly: batch i of the rank comes from logical
+  worker ``(start + i) % W``. torch's DataLoader hands out iterable-dataset batches round-robin
+  from worker 0, so on resume DataLoader worker k plays logical worker ``(k + start) % W``.
+* State. Each batch travels with its worker's cursor *after* that batch; the loader records it
+  when it hands the batch to the caller, so ``state_dict()`` is exact whatever has been
+  prefetched. ``train`` loops over epochs forever (the epoch reshuffles); ``val`` is one pass.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from hybrid_lm.data.config import DataConfig
+from hybrid_lm.data.errors import DataError
+from hybrid_lm.data.manifest import check_tokenizer, is_remote, load_manifest, split_shards
+from hybrid_lm.data.packing import pack_rows
+from hybrid_lm.data.source import TokenStream, plan_epoch
+from hybrid_lm.data.state import STATE_VERSION, Cursor, check_compatible
+
+Batch = dict[str, torch.Tensor]
+
+
+def tokenizer_path(cfg: DataConfig) -> Path:
+    """Where the shards' tokenizer lives (``<path>/tokenizer.json``)."""
+    return Path(cfg.path) / "tokenizer.json"
+
+
+class _Plan:
+    """The manifest-derived facts every reader needs; picklable into worker processes."""
+
+    def __init__(self, cfg: DataConfig, split: str, rank: int, world_size: int) -> None:
+        cfg.validate()
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.cfg, self.split, self.rank, self.world_size = cfg, split, rank, world_size
+        self.base = cfg.path if is_remote(cfg.path) else str(Path(cfg.path))
+        manifest = load_manifest(self.base)
+        check_tokenizer(manifest, self.base, cfg.expected_vocab_size, cfg.tokenizer_fingerprint)
+        self.shards = split_shards(manifest, split, self.base)
+        self.dtype = np.dtype(manifest["token_dtype"])
+        self.pad_id = int(manifest["tokenizer"]["pad_id"])
+        self.workers = max(1, cfg.num_workers)
+        self.readers = world_size * self.workers
+        self.rows = cfg.micro_batch_size * cfg.seq_len
+        self._quota: dict[int, int] = {}
+        if self.quota(0) == 0:
+            need = self.readers * self.rows
+            raise DataError(f"{self.base}: split {split!r} has {manifest['splits'][split]['tokens']:,} tokens; one "
+                            f"batch for each of {self.readers} readers (world_size x workers) needs about {need:,}")
+
+    def quota(self, epoch: int) -> int:
+        """Batches every reader yields in ``epoch``."""
+        if epoch not in self._quota:
+            tokens = [p.tokens for p in plan_epoch(self.shards, self.cfg.seed, epoch, self.readers)]
+            q = min(tokens) // self.rows if self.split == "train" else math.ceil(max(tokens) / self.rows)
+            self._quota = {epoch: q}  # one epoch at a time: keeps the cache bounded
+        return self._quota[epoch]
+
+    def reader_batches(self, worker: int, cursor: Cursor) -> Iterator[tuple[Batch, Cursor]]:
+        """Batches of logical worker ``worker`` from ``cursor``, each with the cursor after it."""
+        cfg, g = self.cfg, self.rank * self.workers + worker
+        cur = copy.deepcopy(cursor)
+        while True:
+            quota = self.quota(cur.epoch)
+            if cur.batches >= quota:
+                if self.split != "train":
+                    return
+                cur = cur.next_epoch()
+                continue
+            plan = plan_epoch(self.shards, cfg.seed, cur.epoch, self.readers)[g]
+            stream = TokenStream(self.base, self.shards, plan, cur, seed=cfg.seed, dtype=self.dtype,
+                                 verify=cfg.verify_checksums, policy=cfg.bad_shard_policy)
+            while cur.batches < quota:
+                pieces = stream.take(self.rows)
+                got = sum(len(p) for p, _ in pieces)
+                if got < self.rows:
+                    cur.padded_rows += math.ceil((self.rows - got) / cfg.seq_len)
+                batch = pack_rows(pieces, stream.peek() if got == self.rows else None,
+                                  cfg.micro_batch_size, cfg.seq_len, self.pad_id)
+                cur.batches += 1
+                yield batch, copy.deepcopy(cur)
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class _WorkerDataset(IterableDataset):
+    def __init__(self, plan: _Plan, cursors: list[Cursor], start: int) -> None:
+        self.plan, self.cursors, self.start = plan, cursors, start
+
+    def __iter__(self) -> Iterator[tuple[Batch, dict[str, Any], int]]:
+        info = get_worker_info()
+        w = ((info.id if info is not None else 0) + self.start) % self.plan.workers
+        for batch, cur in self.plan.reader_batches(w, self.cursors[w]):
+            yield batch, cur.to_dict(), w
+
+
+class ResumableLoader:
+    """Iterable of batches (dict of (B, T) int64 tensors, see ``packing``) with exact resume."""
+
+    def __init__(self, plan: _Plan) -> None:
+        self._plan = plan
+        self._cursors = [Cursor() for _ in range(plan.workers)]
+        self._next = 0
+
+    @property
+    def cfg(self) -> DataConfig:
+        return self._plan.cfg
+
+    def batches_per_epoch(self, epoch: int = 0) -> int:
+        """Batches this rank yields in ``epoch`` (the same on every rank)."""
+        return self._plan.quota(epoch) * self._plan.workers
+
+    def __len__(self) -> int:
+        if self._plan.split == "train":
+            raise TypeError("the train loader is infinite; use batches_per_epoch()")
+        return self.batches_per_epoch(0)
+
+    @property
+    def epoch(self) -> int:
+        return self._cursors[self._next].epoch
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        bad = sorted({name for c in self._cursors for name in c.bad_shards})
+        return {"bad_shards": len(bad), "bad_shard_names": bad,
+                "padded_rows": sum(c.padded_rows for c in self._cursors),
+                "batches": sum(c.batches for c in self._cursors), "epoch": self.epoch}
+
+    def __iter__(self) -> Iterator[Batch]:
+        p = self._plan
+        if p.cfg.num_workers == 0:
+            gen = p.reader_batches(0, self._cursors[0])
+            for batch, cur in gen:
+                self._cursors[0] = cur
+                yield batch
+            return
+        dataset = _WorkerDataset(p, copy.deepcopy(self._cursors), self._next)
+        # a private generator: creating the iterator must not draw from torch's global RNG
+        loader = DataLoader(dataset, batch_size=None, num_workers=p.cfg.num_workers, collate_fn=_identity,
+                            prefetch_factor=p.cfg.prefetch_factor, generator=torch.Generator().manual_seed(0),
+                            multiprocessing_context="fork" if hasattr(__import__("os"), "fork") else None)
+        for batch, cur, w in loader:
+            self._cursors[w] = Cursor.from_dict(cur)
+            self._next = (w + 1) % p.workers
+            yield batch
+
+    def _header(self) -> dict[str, Any]:
+        p = self._plan
+        return {"version": STATE_VERSION, "split": p.split, "seed": p.cfg.seed, "rank": p.rank,
+                "world_size": p.world_size, "num_workers": p.cfg.num_workers, "seq_len": p.cfg.seq_len,
+                "micro_batch_size": p.cfg.micro_batch_size}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable position after the last batch handed out."""
+        return {**self._header(), "next_worker": self._next, "cursors": [c.to_dict() for c in self._cursors]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_compatible(state, {**self._header(), "cursors": self._cursors})
+        self._cursors = [Cursor.from_dict(c) for c in state["cursors"]]
+        self._next = int(state["next_worker"]) % self._plan.workers
+
+
+def build_loader(cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1) -> ResumableLoader:
+    """The loader of ``split`` ("train": endless epochs, "val": one pass) for one data-parallel rank.
+
+    Fails at once with ``DataError`` on a missing/invalid manifest, an empty split, or a
+    tokenizer that differs from ``cfg.expected_vocab_size`` / ``cfg.tokenizer_fingerprint``.
+    """
+    if split not in ("train", "val"):
+        raise DataError(f"split must be 'train' or 'val', got {split!r}")
+    return ResumableLoader(_Plan(cfg, split, rank, world_size))
