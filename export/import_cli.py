@@ -1,0 +1,86 @@
+"""``hybrid-lm import HF_DIR OUT_DIR``: a local transformers Llama or Mamba2 folder -> model-only dir.
+
+    hybrid-lm import ~/models/my-llama artifacts/init-llama
+    hybrid-lm train configs/tiny.yaml train.init_from=artifacts/init-llama model.layer_pattern=...
+
+The config is translated by the adapter of the ``model_type`` (``export/llama.py``,
+``export/mamba2.py``), which refuses features our layers lack (RoPE scaling, MLP bias, dt clamps,
+...); tensors are renamed and checked against the translated config, so the result loads strictly.
+Nothing is downloaded: HF_DIR must be a local folder with ``config.json`` and safetensors weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from hybrid_lm.export.model_dir import ExportError, check_state_dict, prepare_out_dir, save_model_dir
+from hybrid_lm.models.config import ModelConfig
+
+
+def _adapter(model_type: str):
+    from hybrid_lm.export.llama import LlamaAdapter
+    from hybrid_lm.export.mamba2 import Mamba2Adapter
+
+    adapters = {"llama": LlamaAdapter(), "mamba2": Mamba2Adapter()}
+    if model_type not in adapters:
+        raise ExportError(f"cannot import model_type {model_type!r} (supported: {', '.join(adapters)})")
+    return adapters[model_type]
+
+
+def _read_hf_state(hf_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (hf_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise ExportError(f"{hf_dir}: no model.safetensors(.index.json); only safetensors weights are imported")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(str(hf_dir / name)))
+    return {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def import_hf(hf_dir: Path, out_dir: Path, *, force: bool = False) -> tuple[ModelConfig, Path]:
+    """Write our model-only directory for the HF folder ``hf_dir``; returns (config, out_dir)."""
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise ExportError(f"{hf_dir}: no config.json (a local transformers folder is needed)")
+    model_type = json.loads((hf_dir / "config.json").read_text()).get("model_type", "<missing>")
+    adapter = _adapter(model_type)
+    from transformers import AutoConfig
+
+    # through transformers, so legacy keys are normalised (rope_scaling -> rope_parameters, inf floats)
+    hf_config = AutoConfig.from_pretrained(str(hf_dir)).to_dict()
+    config = adapter.from_hf_config(hf_config)
+    state = adapter.from_hf(config, _read_hf_state(hf_dir))
+    if config.tie_embeddings and "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["embed.weight"]
+    check_state_dict(config, state)
+    prepare_out_dir(out_dir, force)
+    tokenizer: Optional[Path] = hf_dir if (hf_dir / "tokenizer.json").is_file() else None
+    save_model_dir(out_dir, config, state, tokenizer, force=True)
+    return config, Path(out_dir)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("hf_dir", type=Path, help="local transformers folder (Llama or Mamba2)")
+    parser.add_argument("out_dir", type=Path, help="model-only directory to write")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        config, out = import_hf(args.hf_dir, args.out_dir, force=args.force)
+    except (ExportError, ValueError, KeyError) as exc:
+        print(f"hybrid-lm import: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"imported {args.hf_dir} -> {out} (layer_pattern {config.layer_pattern!r}, d_model {config.d_model})")
+    return 0
