@@ -165,7 +165,12 @@ class Tokenizer:
                                        eos_token=EOS, pad_token=PAD if self.hf.token_to_id(PAD) is not None else EOS,
                                        bos_token=EOS, unk_token=None)
         fast.save_pretrained(str(out_dir))
-        return Path(out_dir)
+        out = Path(out_dir)
+        # transformers >= 5 no longer writes this file; older loaders and other tools still read it
+        if not (out / "special_tokens_map.json").exists():
+            specials = {"bos_token": fast.bos_token, "eos_token": fast.eos_token, "pad_token": fast.pad_token}
+            (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")
+        return out
 
 
 def encode_documents(tok: Tokenizer, texts: Iterable[str]) -> Iterator[np.ndarray]:

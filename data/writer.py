@@ -61,7 +61,8 @@ class SplitWriter:
         """tokens: (n,) ids including the trailing eos."""
         if self._cur is None:
             self._cur = _Shard(f"{self.split}-{len(self.done):05d}.tar")
-            self._tar = self._wds.TarWriter(str(self.out / (TMP_PREFIX + self._cur.name)))
+            # a fixed mtime makes the tar bytes (and so the manifest's sha256) reproducible
+            self._tar = self._wds.TarWriter(str(self.out / (TMP_PREFIX + self._cur.name)), mtime=0.0)
         self._tar.write({"__key__": f"{doc_id:010d}", "tokens.npy": tokens.astype(self.dtype),
                          "doc_id": str(doc_id).encode(), "source": source.encode("utf-8", errors="replace")})
         self._cur.tokens += len(tokens)
