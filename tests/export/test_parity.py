@@ -69,3 +69,15 @@ def test_remote_export_shards(tmp_path):
     x = prompt()
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+def test_remote_left_padding_equals_unpadded(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src, model = save_tiny(tmp_path, "remote_titans")
+    hf = AutoModelForCausalLM.from_pretrained(export_checkpoint(src, tmp_path / "hf"), trust_remote_code=True).eval()
+    x = prompt(batch=1, length=9)
+    padded = torch.cat([torch.full((1, 3), 257), x], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(x)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(padded, attention_mask=mask).logits[:, 3:], model(x).logits, rtol=0, atol=1e-5)

@@ -7,8 +7,12 @@ trained, so logits are bit-identical to hybrid-lm's.
 
 Generation: ``generate`` works without a KV/state cache: every step re-runs the whole prefix
 through the parallel form. That is O(T^2) per sequence but exact and family-agnostic (recurrent
-Titans/Mamba states do not fit transformers' Cache classes). ``attention_mask`` must be all ones
-(no left padding): the packed-document model has no notion of padding tokens to skip.
+Titans/Mamba states do not fit transformers' Cache classes).
+
+Padding: an ``attention_mask`` with zeros becomes ``doc_ids`` (pads and real tokens are different
+documents, so every stateful layer restarts at the first real token) and ``position_ids`` counting
+real tokens from 0. The layer contract makes that exact for left padding; right padding is
+harmless for a causal model.
 """
 from typing import Optional
 
@@ -62,10 +66,12 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
         return_dict: Optional[bool] = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        doc_ids = position_ids = None
         if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("hybrid-lm exports do not support padding inside attention_mask; "
-                             "run unpadded sequences (batch size 1 or equal lengths)")
-        logits = self.model(input_ids).logits
+            mask = attention_mask.long()
+            doc_ids = mask
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids, doc_ids=doc_ids, position_ids=position_ids).logits
         loss = None
         if labels is not None:
             # transformers convention: labels are the inputs, shifted here
