@@ -16,4 +16,7 @@ for folder in TOP_LEVEL:
     for sub in find_packages(folder):
         packages.append(f"hybrid_lm.{folder}.{sub}")
 
-setup(package_dir=package_dir, packages=packages, package_data={"hybrid_lm": ["py.typed"]})
+setup(package_dir=package_dir, packages=packages, package_data={
+        "hybrid_lm.export": ["remote/template/*.py", "README.md"],
+        "hybrid_lm.kernels": ["*/README.md"],
+    })
