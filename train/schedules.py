@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, NoReturn, Optional
 
 from hybrid_lm.typed_config import ConfigError
 
@@ -50,12 +50,11 @@ class ScheduleConfig:
 
 
 def _validate(cfg: ScheduleConfig, total_steps: int, peak: Optional[float]) -> float:
-    def fail(name: str, message: str) -> None:
+    def fail(name: str, message: str) -> NoReturn:
         raise ConfigError(f"schedule.{name}: {message}")
 
     if peak is None:
         fail("lr", "no peak learning rate (set schedule.lr, or pass the optimizer's lr as peak_lr)")
-    assert peak is not None
     if not peak > 0:
         fail("lr", f"must be > 0, got {peak}")
     if total_steps < 1:
