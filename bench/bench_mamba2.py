@@ -9,11 +9,12 @@ absolute times on shared CPUs are noise, the ratios are what holds, see /work/sh
    G = 1, chunk 64, batch 1) through three scans with identical weights: ours (chunked SSD),
    the same layer with the token-by-token recurrence (``ssd_sequential``) swapped in, and
    transformers' ``Mamba2Mixer`` torch path. Outputs are asserted equal (fp32) in the same run.
-2. time and peak memory of ours at T vs 2T. Peak memory is the growth of the process's maximum
-   resident set size (``ru_maxrss``) during one forward + backward, measured in a fresh
-   subprocess per size after setup and a warm-up at a shorter length: it counts every allocation
-   torch makes on CPU (activations kept for backward and transient intermediates), not just
-   Python objects (which is all tracemalloc sees).
+2. time and peak memory of ours at T vs 2T. Peak memory is the growth of the resident set's
+   high-water mark (``VmHWM`` in /proc/self/status, reset through /proc/self/clear_refs; Linux
+   only) over the resident size before one forward + backward, in a fresh subprocess per size
+   after a short warm-up. It counts every allocation torch makes on CPU (activations kept for
+   backward and transient intermediates), not just Python objects (all tracemalloc sees).
+   ``ru_maxrss`` would not do: Linux carries it over from the parent across fork/exec.
 
 Targets: chunked >= 20x the sequential recurrence at T = 4096, no slower than transformers,
 T -> 2T growth <= 2.2x in time and memory.
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import warnings
@@ -110,10 +110,19 @@ def peak_memory_child(length: int) -> None:
     fwd_bwd(layer, torch.randn(1, 16, WIDTH["d_model"]), True)  # warm-up: allocator, lazy init
     x = torch.randn(1, length, WIDTH["d_model"])
     layer.zero_grad()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as f:  # reset this process's RSS high-water mark
+        f.write("5")
+    before = _status_kib("VmRSS")
     fwd_bwd(layer, x, True)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_bytes": (after - before) * 1024}))  # Linux reports KiB
+    print(json.dumps({"peak_bytes": (_status_kib("VmHWM") - before) * 1024}))
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
 
 
 def peak_memory(length: int) -> float:
@@ -143,7 +152,7 @@ def main() -> None:
         print(f"{length:>6} {r['ours']*1e3:9.1f} {r['seq']*1e3:9.1f} {r['hf']*1e3:9.1f} "
               f"{r['seq']/r['ours']:9.1f} {r['hf']/r['ours']:8.2f}")
 
-    print("\nscaling of ours, T -> 2T (time from the table above; memory = ru_maxrss growth in a subprocess)")
+    print("\nscaling of ours, T -> 2T (time from the table above; memory = VmHWM growth in a subprocess)")
     mem_lengths = lengths + [2 * lengths[-1]]
     mem = {t: peak_memory(t) for t in mem_lengths}
     print(f"{'T':>6} {'peak MiB':>9} {'mem 2T/T':>9} {'time 2T/T':>10}")

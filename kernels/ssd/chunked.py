@@ -119,13 +119,15 @@ def ssd_chunked(
         end_ids = segc[:, :, -1]  # (B, c)
         prev_ids = torch.cat([seg[:, :1], end_ids[:, :-1]], dim=1)  # id owning the entering state
         carry = (end_ids == prev_ids).to(work)  # mask 4
+    # unbind, not [:, c]: the backward of indexing allocates a full-size zero tensor per chunk,
+    # which would make the loop quadratic in L.
+    decays = chunk_decay.unsqueeze(-1).unsqueeze(-1)  # (B, G, R, c, 1, 1)
+    if seg is not None:
+        decays = decays * carry[:, None, None, :, None, None]
     entering = []
-    for c in range(nchunks):
+    for a, contribution in zip(decays.unbind(3), chunk_states.unbind(1)):
         entering.append(state)
-        a = chunk_decay[..., c, None, None]
-        if seg is not None:
-            a = a * carry[:, c, None, None, None, None]
-        state = a * state + chunk_states[:, c]
+        state = a * state + contribution
     entering_states = torch.stack(entering, dim=1)  # (B, c, G, R, P, N)
 
     # 4. Entering state -> outputs, decayed to each position.
