@@ -43,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
     model.to(device).eval()
     make_loader = default_loader_factory(cfg.data)
     ctx = EvalContext(make_val_loader=lambda: make_loader("val", 0, 1), device=device, step=loaded.step,
-                      reduce=lambda v: v)
+                      reduce=None)
     scores = run_evals(model, cfg.eval, ctx)
     print(json.dumps({"checkpoint": str(loaded.tokenizer_dir), "step": loaded.step, **scores}, indent=1))
     return 0

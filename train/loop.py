@@ -102,7 +102,7 @@ def train(cfg: JobConfig, *, make_loader: Optional[LoaderFactory] = None) -> Tra
 
     def evaluate() -> None:
         ctx = EvalContext(make_val_loader=lambda: make_loader("val", info.rank, info.world_size), device=info.device,
-                          step=state.step, reduce=lambda v: D.all_reduce_mean(v, info.device))
+                          step=state.step, reduce=lambda s, c: tuple(D.all_reduce_sum([s, c], info.device)))
         scores = run_evals(engine.module, cfg.eval, ctx)
         engine.module.train()
         result.evals[state.step] = scores

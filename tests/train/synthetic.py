@@ -79,6 +79,7 @@ def job_dict(run_dir, *, steps: int = 8, zero_stage: int = 0, gas: int = 1, **se
         "checkpoint": {"every": 0, "keep": 2},
         "logging": {"every": 1, "tensorboard": False},
         "eval": {"every": 0},
+        "schedule": {"warmup_steps": 2},
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)

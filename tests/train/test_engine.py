@@ -19,7 +19,7 @@ def _run(run_dir, **kw):
 def test_loss_falls(tmp_path):
     result = _run(tmp_path, steps=60, eval={"every": 60}, train={"eval_at_start": True},
                   schedule={}, optim={"lr": 1e-2})
-    before, after = result.evals[0]["val/loss"], result.evals[60]["val/loss"]
+    before, after = result.evals[0]["val_loss"], result.evals[60]["val_loss"]
     assert before > 3.5  # ~log(64) at init
     assert after < before - 1.0, (before, after)
 
