@@ -44,7 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"hybrid-lm {name}", description=help_text)
     module.configure(parser)
-    args = parser.parse_args(rest)
+    try:
+        # options may come between positionals (`run CONFIG --artifacts DIR key=value`)
+        args = parser.parse_intermixed_args(rest)
+    except TypeError:  # argparse cannot intermix with sub-subcommands (`data build ...`)
+        args = parser.parse_args(rest)
     return int(module.main(args) or 0)
 
 

@@ -7,8 +7,10 @@
    a manifest is already there),
 2. trains in this process (``artifacts/run/``: metrics.jsonl, checkpoints/),
 3. reports the validation loss before the first step and after the last,
-4. exports the final checkpoint to a Hugging Face folder in ``artifacts/hf/`` (when the export
-   package is installed; otherwise says so and skips),
+4. exports the final checkpoint to a Hugging Face folder in ``artifacts/hf/``, loads it back with
+   ``transformers.AutoModelForCausalLM`` and checks its logits on a validation batch against ours
+   (the job fails if they differ), and prints a greedy sample from the exported model,
+5. draws the loss curves to ``artifacts/run/loss.png``,
 and prints where everything is. Re-running resumes the finished run (nothing left to train) and
 re-exports; delete ``artifacts/run`` to train again.
 """
@@ -46,13 +48,37 @@ def _val_loss(scores: Optional[dict[str, float]]) -> Optional[float]:
     return scores[keys[0]] if keys else None
 
 
-def _export(checkpoint: Path, out_dir: Path) -> Optional[Path]:
-    try:
-        from hybrid_lm.export.api import export_checkpoint
-    except ModuleNotFoundError as exc:
-        print(f"[run] export skipped: the export package is not installed yet ({exc.name})", flush=True)
-        return None
+def _export(checkpoint: Path, out_dir: Path) -> Path:
+    from hybrid_lm.export.api import export_checkpoint
+
     return export_checkpoint(checkpoint, out_dir, force=True)
+
+
+def _check_export(cfg, checkpoint: Path, hf_dir: Path, prompt: str = "def main(") -> tuple[float, str]:
+    """Max |logit difference| between the export (loaded by transformers) and our model on one
+    validation batch, and a greedy sample from the export. Raises if they disagree."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hybrid_lm.data.loader import build_loader
+    from hybrid_lm.models.hybrid import HybridLM
+    from hybrid_lm.train.checkpoint import load_model_state
+
+    loaded = load_model_state(checkpoint)
+    ours = HybridLM(loaded.model_config)
+    ours.load_state_dict(loaded.state_dict)
+    ours.eval()
+    theirs = AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=True, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    batch = next(iter(build_loader(cfg.data, "val", 0, 1)))
+    ids = batch["input_ids"][:2]
+    with torch.no_grad():
+        diff = (ours(ids).logits - theirs(ids).logits).abs().max().item()
+        prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
+        sample = theirs.generate(prompt_ids, max_new_tokens=48, do_sample=False)
+    if not diff < 1e-3:
+        raise RuntimeError(f"exported model disagrees with the checkpoint: max |logit diff| = {diff:.3g}")
+    return diff, tokenizer.decode(sample[0], skip_special_tokens=True)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -82,7 +108,12 @@ def main(args: argparse.Namespace) -> int:
     evals = sorted(result.evals.items())
     start = _val_loss(evals[0][1]) if evals else None
     end = _val_loss(evals[-1][1]) if evals else None
-    exported = _export(result.checkpoint, hf_dir) if result.checkpoint is not None else None
+    exported = _export(result.checkpoint, hf_dir)
+    print(f"[run] exported to {exported}; checking it with transformers", flush=True)
+    diff, sample = _check_export(cfg, result.checkpoint, exported)
+    from hybrid_lm.train.plot import plot_run
+
+    plot = plot_run(run_dir)
     total_s = time.perf_counter() - started
 
     def fmt(x: Optional[float]) -> str:
@@ -96,6 +127,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"  data:         {cfg.data.path}")
     print(f"  run dir:      {run_dir} (metrics.jsonl, checkpoints/)")
     print(f"  checkpoint:   {result.checkpoint}")
-    print(f"  export:       {exported if exported else 'skipped'}")
+    print(f"  export:       {exported} (transformers logits within {diff:.1e} of ours)")
+    print(f"  loss curves:  {plot}")
+    print(f"  sample:       {sample!r}")
     print(f"  wall time:    {total_s:.0f}s total, {train_s:.0f}s training", flush=True)
     return 0

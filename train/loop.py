@@ -120,7 +120,8 @@ def train(cfg: JobConfig, *, make_loader: Optional[LoaderFactory] = None) -> Tra
         evaluate()
     engine.train()
     batches = iter(loader)
-    window_start, window_tokens = time.perf_counter(), 0
+    # the logged train loss is the mean over the logging window: one step's loss on one batch is mostly noise
+    window_start, window_tokens, window_losses = time.perf_counter(), 0, []
     with StopSignal() as stop:
         while state.step < cfg.train.steps:
             lr = lr_at(state.step)
@@ -130,21 +131,24 @@ def train(cfg: JobConfig, *, make_loader: Optional[LoaderFactory] = None) -> Tra
             state.step += 1
             state.tokens += tokens
             window_tokens += tokens
+            if math.isfinite(loss):
+                window_losses.append(loss)
             done = state.step == cfg.train.steps
             stop_requested = stop_requested or state.step == cfg.train.stop_at
             if state.step % cfg.logging.every == 0 or done:
                 elapsed = time.perf_counter() - window_start
                 tps = window_tokens / max(elapsed, 1e-9)
                 grad_norm = engine.get_global_grad_norm()
-                metrics = {"train/loss": loss, "train/lr": lr, "train/tokens": state.tokens, "train/tokens_per_s": tps,
+                window_loss = sum(window_losses) / len(window_losses) if window_losses else float("nan")
+                metrics = {"train/loss": window_loss, "train/lr": lr, "train/tokens": state.tokens, "train/tokens_per_s": tps,
                            "train/nan_skipped": state.nan_skipped,
                            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
                 util = mfu(train_flops, tps / info.world_size, peak) if peak else None
                 if util is not None:
                     metrics["train/mfu"] = util
                 logger.log(state.step, metrics)
-                progress.update(state.step, loss=loss, tokens_per_s=tps, lr=lr, mfu=util)
-                window_start, window_tokens = time.perf_counter(), 0
+                progress.update(state.step, loss=window_loss, tokens_per_s=tps, lr=lr, mfu=util)
+                window_start, window_tokens, window_losses = time.perf_counter(), 0, []
             if cfg.eval.every > 0 and (state.step % cfg.eval.every == 0 or done):
                 evaluate()
             every = cfg.checkpoint.every
