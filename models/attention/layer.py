@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybrid_lm.kernels.ssd.reference import segment_index
 from hybrid_lm.models.attention.flash import flash_attention, flash_usable
 from hybrid_lm.models.attention.rope import apply_rope, rope_cos_sin
 from hybrid_lm.models.common.mixer import Layer, State, linear_flops
@@ -90,6 +91,10 @@ class Attention(Layer):
     ) -> tuple[torch.Tensor, Optional[State]]:
         """x (B, T, D) -> y (B, T, D); state is the KV cache described in the module docstring."""
         batch, t, _ = x.shape
+        if doc_ids is not None:
+            # A document starts wherever the id changes (mixer.py); comparing raw ids would merge
+            # two separate documents that happen to share an id, e.g. [0, 0, 1, 1, 0, 0].
+            doc_ids = segment_index(doc_ids)
         if state is None and return_state:
             state = self.init_state(batch, device=x.device, dtype=x.dtype)
         q = self.q_proj(x).view(batch, t, self.n_heads, self.head_dim).transpose(1, 2)

@@ -70,6 +70,19 @@ def test_packed_documents_equal_separate_runs(case, cut):
     torch.testing.assert_close(yn, yn_ref, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("case", ["gqa", "gqa-window5"], ids=["full", "window"])
+def test_repeated_document_id_starts_a_new_document(case):
+    """Ids [0]*5 + [1]*5 + [0]*5 are three documents: a document starts wherever the id changes."""
+    layer = make(case)
+    x = torch.randn(1, 15, 32, dtype=torch.float64)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 5 + [0] * 5])
+    pos = torch.arange(5).repeat(3)[None]
+    y, state = layer(x, doc_ids=doc_ids, position_ids=pos, return_state=True)
+    parts = [layer(x[:, a:a + 5])[0] for a in (0, 5, 10)]
+    torch.testing.assert_close(y, torch.cat(parts, 1), rtol=0, atol=1e-12)
+    assert int(state["valid"].sum()) == min(5, CASES[case].get("window", 99) - 1)
+
+
 def test_rope_matches_hf_llama_rotary():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
