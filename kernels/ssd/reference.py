@@ -61,17 +61,25 @@ def ssd_sequential(
     else:
         state = initial_state.to(work)
     seg = segment_index(doc_ids) if doc_ids is not None else None
+    keep = None
+    if seg is not None:
+        keep = torch.ones_like(dts[..., 0])  # (B, L): 0 where a new document starts
+        keep[:, 1:] = (seg[:, 1:] == seg[:, :-1]).to(work)
+    Dw = None if D is None else D.to(work)[:, None]
+    # unbind over time, not [:, t]: the backward of indexing allocates a full (B, L, ...) zero
+    # tensor per step, which would make the oracle's backward quadratic in L.
+    steps = zip(xs.unbind(1), dts.unbind(1), Bh.unbind(1), Ch.unbind(1),
+                keep.unbind(1) if keep is not None else [None] * length)
     ys = []
-    for t in range(length):
-        if seg is not None and t > 0:
-            keep = (seg[:, t] == seg[:, t - 1]).to(work)[:, None, None, None]
-            state = state * keep
-        decay = torch.exp(dts[:, t] * Aw)[:, :, None, None]  # (B, H, 1, 1)
-        upd = (dts[:, t, :, None] * xs[:, t])[..., None] * Bh[:, t, :, None, :]  # (B, H, P, N)
+    for t, (x_t, dt_t, b_t, c_t, keep_t) in enumerate(steps):
+        if keep_t is not None and t > 0:
+            state = state * keep_t[:, None, None, None]
+        decay = torch.exp(dt_t * Aw)[:, :, None, None]  # (B, H, 1, 1)
+        upd = (dt_t[..., None] * x_t)[..., None] * b_t[:, :, None, :]  # (B, H, P, N)
         state = decay * state + upd
-        y = torch.einsum("bhpn,bhn->bhp", state, Ch[:, t])
-        if D is not None:
-            y = y + D.to(work)[:, None] * xs[:, t]
+        y = torch.einsum("bhpn,bhn->bhp", state, c_t)
+        if Dw is not None:
+            y = y + Dw * x_t
         ys.append(y)
     out = torch.stack(ys, dim=1).to(x.dtype)
     if return_final_state:
