@@ -104,7 +104,7 @@ def time_row(length: int, min_run_time: float) -> dict[str, float]:
 
 
 def peak_memory_child(length: int) -> None:
-    """Subprocess body: print the ru_maxrss growth (bytes) of one forward + backward at ``length``."""
+    """Subprocess body: print the VmHWM growth (bytes) of one forward + backward at ``length``."""
     torch.set_num_threads(1)
     layer = make_layer()
     fwd_bwd(layer, torch.randn(1, 16, WIDTH["d_model"]), True)  # warm-up: allocator, lazy init

@@ -5,8 +5,10 @@ export is a rename (see ``hf_mapping.py``).
 
 Masking: a query sees a key iff the key is not in the future, lies within the window
 (``t_q - t_k < window``) and belongs to the same document. Without documents, window or cache
-the fast ``is_causal`` SDPA path runs; otherwise an explicit boolean mask (T, S + T) is built,
-which is fine for training lengths on CPU and for decoding (T = 1).
+the fast ``is_causal`` SDPA path runs (O(T) memory on the flash/efficient kernels); a cache-free
+windowed call longer than 2W runs block by block (``window.py``, O(T * W)); otherwise an
+explicit boolean mask (T, S + T) is built, which is fine for decoding (T = 1) and moderate
+lengths, and is O(T^2) for long full-attention rows with documents unless flash-attn is used.
 
 Cache (the layer's state): rotated keys and values ``k, v (B, KV, S, d)``, ``valid (B, S)`` (a
 cached key is visible to the next call's first document only when it belongs to the document
@@ -26,6 +28,7 @@ from torch import nn
 from hybrid_lm.kernels.ssd.reference import segment_index
 from hybrid_lm.models.attention.flash import flash_attention, flash_usable
 from hybrid_lm.models.attention.rope import apply_rope, rope_cos_sin
+from hybrid_lm.models.attention.window import blocked_window_attention
 from hybrid_lm.models.common.mixer import Layer, State, linear_flops
 
 
@@ -116,10 +119,12 @@ class Attention(Layer):
                 keys = torch.cat([state["k"], k], dim=2)
                 values = torch.cat([state["v"], v], dim=2)
             gqa = self.n_heads != self.n_kv_heads
+            seg = doc_ids if doc_ids is not None else torch.zeros(batch, t, dtype=torch.long, device=x.device)
             if not has_cache and doc_ids is None and self.window is None:
                 out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
+            elif not has_cache and self.window is not None and t > 2 * self.window:
+                out = blocked_window_attention(q, k, v, seg, self.window)  # O(T * W), not (T, T)
             else:
-                seg = doc_ids if doc_ids is not None else torch.zeros(batch, t, dtype=torch.long, device=x.device)
                 cached_valid = state["valid"] if has_cache else torch.zeros(batch, 0, dtype=torch.bool, device=x.device)
                 mask = self._mask(seg, cached_valid)
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)

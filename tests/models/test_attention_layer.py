@@ -83,6 +83,22 @@ def test_repeated_document_id_starts_a_new_document(case):
     assert int(state["valid"].sum()) == min(5, CASES[case].get("window", 99) - 1)
 
 
+@pytest.mark.parametrize("length", [24, 23, 11], ids=["T24-multiple", "T23-ragged", "T11-just-over-2W"])
+@pytest.mark.parametrize("kv_heads", [4, 1], ids=["mha", "gqa"])
+def test_blocked_window_equals_dense_mask(length, kv_heads):
+    """The O(T * W) block path (cache-free, T > 2W) gives what the dense (T, T) mask gives."""
+    from hybrid_lm.models.attention.window import blocked_window_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, length, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 2, kv_heads, length, 8, dtype=torch.float64).unbind(0)
+    seg = torch.tensor([[0] * 3 + [1] * (length - 3), [0] * length])
+    t = torch.arange(length)
+    mask = (t[None, :] <= t[:, None]) & (t[:, None] - t[None, :] < 5) & (seg[:, :, None] == seg[:, None, :])
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=kv_heads != 4)
+    torch.testing.assert_close(blocked_window_attention(q, k, v, seg, 5), dense, rtol=0, atol=1e-12)
+
+
 def test_rope_matches_hf_llama_rotary():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
