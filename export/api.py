@@ -17,7 +17,7 @@ import torch
 
 from hybrid_lm.export.adapters import select
 from hybrid_lm.export.model_dir import ExportError, check_state_dict, is_model_dir, load_model_dir, prepare_out_dir
-from hybrid_lm.export.tokenizer import write_tokenizer
+from hybrid_lm.export.tokenizer import special_token_ids, write_tokenizer
 from hybrid_lm.export.weights import parse_dtype
 from hybrid_lm.models.config import ModelConfig
 
@@ -56,8 +56,13 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, *, force: bool = False, d
     config, state_dict, tokenizer_dir = read_source(checkpoint)
     check_state_dict(config, state_dict)
     adapter = select(config, target)
+    special_ids = special_token_ids(tokenizer_dir)
+    too_large = {k: v for k, v in special_ids.items() if v is not None and v >= config.vocab_size}
+    if too_large:
+        raise ExportError(f"tokenizer in {tokenizer_dir} does not fit the model: {too_large} outside the model's "
+                          f"vocab_size={config.vocab_size} (was the run trained with another tokenizer?)")
     prepare_out_dir(out_dir, force)
-    special_ids = write_tokenizer(tokenizer_dir, out_dir)
+    write_tokenizer(tokenizer_dir, out_dir)
     adapter.write(out_dir, config, state_dict, dtype=torch_dtype, max_shard_size=max_shard_size,
                   special_ids=special_ids)
     _write_generation_config(out_dir, special_ids)

@@ -13,13 +13,20 @@ from typing import Optional
 SpecialIds = dict[str, Optional[int]]
 
 
-def write_tokenizer(tokenizer_dir: Optional[Path], out_dir: Path) -> SpecialIds:
-    """Write the HF tokenizer files; returns bos/eos/pad ids (all None without a tokenizer)."""
+def special_token_ids(tokenizer_dir: Optional[Path]) -> SpecialIds:
+    """bos/eos/pad ids of the run's tokenizer (all None without one)."""
     if tokenizer_dir is None:
         return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     from hybrid_lm.data.tokenizer import Tokenizer
 
     tok = Tokenizer.load(tokenizer_dir)
-    tok.to_hf(out_dir)
     # to_hf names eos as bos too (byte-level vocab has no separate bos)
     return {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+
+
+def write_tokenizer(tokenizer_dir: Optional[Path], out_dir: Path) -> None:
+    """Write the HF tokenizer files (nothing without a tokenizer)."""
+    if tokenizer_dir is not None:
+        from hybrid_lm.data.tokenizer import Tokenizer
+
+        Tokenizer.load(tokenizer_dir).to_hf(out_dir)

@@ -40,6 +40,20 @@ def tokenizer_file(data_cfg: Any) -> Optional[Path]:
     return path if path.is_file() else None
 
 
+def check_tokenizer_fits(model_cfg: ModelConfig, tokenizer: Optional[Path]) -> None:
+    """Token ids the shards can hold must be rows of the embedding (a larger model vocab is fine:
+    padding the vocab to a multiple of 64 is common)."""
+    if tokenizer is None:
+        return
+    from hybrid_lm.data.tokenizer import Tokenizer
+    from hybrid_lm.typed_config import ConfigError
+
+    vocab = Tokenizer.load(tokenizer).vocab_size
+    if vocab > model_cfg.vocab_size:
+        raise ConfigError(f"model.vocab_size: {model_cfg.vocab_size} is smaller than the tokenizer's {vocab} ids "
+                          f"({tokenizer})")
+
+
 def _init_state_dict(source: Path, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Weights from a training checkpoint/run, or else a model-only dir (``hybrid-lm import``)."""
     is_training = (source / layout.MARKER).is_file() or bool(layout.step_dirs(source)) or bool(

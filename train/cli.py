@@ -53,6 +53,9 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         train(cfg)
+    except ConfigError as exc:
+        print(f"hybrid-lm train: config error: {exc}", file=sys.stderr)
+        return 2
     except TrainingDiverged as exc:
         print(f"hybrid-lm train: {exc}", file=sys.stderr)
         return 3

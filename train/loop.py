@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from hybrid_lm.train import distributed as D
-from hybrid_lm.train.build import LoaderFactory, build_model, default_loader_factory, tokenizer_file
+from hybrid_lm.train.build import LoaderFactory, build_model, check_tokenizer_fits, default_loader_factory, tokenizer_file
 from hybrid_lm.train.checkpoint import manager
 from hybrid_lm.train.checkpoint.state import TrainerState
 from hybrid_lm.train.config import JobConfig, job_config_to_dict
@@ -78,6 +78,7 @@ def train(cfg: JobConfig, *, make_loader: Optional[LoaderFactory] = None) -> Tra
     info = D.init_distributed(cfg.parallel.timeout_s)
     make_loader = make_loader or default_loader_factory(cfg.data)
     run_dir, ckpt_root, tok = Path(cfg.train.run_dir), cfg.checkpoint_dir, tokenizer_file(cfg.data)
+    check_tokenizer_fits(cfg.model, tok)
     resume_from = manager.find_resume(cfg.train.resume, ckpt_root)
     model = build_model(cfg.model, seed=cfg.train.seed, init_from=cfg.train.init_from, resuming=resume_from is not None)
     optimizer = build_optimizer(model, cfg.optim)

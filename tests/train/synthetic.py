@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from pathlib import Path
+
 import torch
 
 
@@ -73,7 +75,7 @@ def job_dict(run_dir, *, steps: int = 8, zero_stage: int = 0, gas: int = 1, **se
     """
     base = {
         "model": {"vocab_size": 64, "d_model": 32, "layer_pattern": "--"},
-        "data": {"seq_len": 32, "micro_batch_size": 2},
+        "data": {"seq_len": 32, "micro_batch_size": 2, "path": str(Path(run_dir) / "no-shards")},
         "parallel": {"zero_stage": zero_stage, "gradient_accumulation": gas},
         "train": {"steps": steps, "run_dir": str(run_dir), "seed": 0, "eval_at_start": False},
         "checkpoint": {"every": 0, "keep": 2},

@@ -85,3 +85,14 @@ def test_init_from_training_checkpoint(tmp_path):
     expected = model(batch["input_ids"], labels=batch["labels"]).loss.item()
     assert result.losses[0] == pytest.approx(expected, rel=1e-6)
     shutil.rmtree(tmp_path / "src")
+
+
+def test_tokenizer_larger_than_model_vocab_fails_naming_the_key(tmp_path):
+    from hybrid_lm.data.tokenizer import Tokenizer
+    from hybrid_lm.typed_config import ConfigError
+
+    shards = tmp_path / "shards"
+    Tokenizer.byte_level().save(shards)  # 258 ids, the model below has 64
+    cfg = job_config_from_dict(synthetic.job_dict(tmp_path / "run", data={"path": str(shards)}))
+    with pytest.raises(ConfigError, match="model.vocab_size: 64 is smaller than the tokenizer's 258"):
+        train(cfg, make_loader=synthetic.factory())
