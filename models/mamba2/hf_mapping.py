@@ -14,9 +14,10 @@ these functions and compares logits.
 Config notes (transformers 5.x): HF's ``n_groups`` defaults to 8 (we pass ours);
 ``time_step_limit`` (0, inf) means no clamp, as ours; ``use_conv_bias``/``use_bias`` follow our
 ``conv_bias``/``bias``; ``residual_in_fp32`` only matters below fp32. HF's gated RMSNorm
-(``MambaRMSNormGated``) gates before normalising (our ``norm_before_gate=False``); older HF
-releases normalised over the full width in the torch path, which disagrees with mamba_ssm when
-G > 1, so parity checks use G = 1. HF has no MLP between mixers, hence the pattern restriction.
+(``MambaRMSNormGated``) gates before normalising (our ``norm_before_gate=False``) and, in
+transformers 5.x, groups the statistic per ``n_groups`` like mamba_ssm (checked at G = 2 in
+tests/models/test_mamba2_layer.py); older HF releases normalised over the full width in the torch
+path, which disagrees when G > 1, so the stack parity test uses G = 1. HF has no MLP between mixers, hence the pattern restriction.
 """
 from __future__ import annotations
 

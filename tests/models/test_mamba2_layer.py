@@ -118,3 +118,20 @@ def test_flops_per_token_counts_projections():
     f = layer.flops_per_token(1024)
     assert proj < f < 1.5 * proj + 2 * 8 * 16 * 8 * 4
     assert math.isclose(layer.flops_per_token(1024), layer.flops_per_token(4096))  # linear layer
+
+
+@pytest.mark.parametrize("ngroups", [1, 2], ids=["G1", "G2"])
+def test_layer_matches_transformers_mixer(ngroups):
+    """Our layer vs transformers' Mamba2Mixer with equal weights; since transformers 5.x its torch
+    path groups the gated RMSNorm like mamba_ssm, so G = 2 agrees too (older releases did not)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+
+    layer = make_layer(ngroups=ngroups, dtype=torch.float32)
+    cfg = transformers.Mamba2Config(hidden_size=16, num_heads=layer.nheads, head_dim=8, state_size=8, n_groups=ngroups,
+                                    chunk_size=8, expand=2, num_hidden_layers=1, layer_norm_epsilon=1e-5)
+    hf = Mamba2Mixer(cfg, layer_idx=0).eval()
+    hf.load_state_dict(layer.state_dict(), strict=True)
+    x = torch.randn(2, 19, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x)[0], hf(x), rtol=1e-4, atol=1e-5)
