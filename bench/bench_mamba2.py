@@ -16,8 +16,15 @@ absolute times on shared CPUs are noise, the ratios are what holds, see /work/sh
    backward and transient intermediates), not just Python objects (all tracemalloc sees).
    ``ru_maxrss`` would not do: Linux carries it over from the parent across fork/exec.
 
+3. the scan alone, ``ssd_chunked`` vs ``ssd_sequential`` (same shapes), because the layer-level
+   ratio is bounded by the projections, conv and norm that both layer variants share. The oracle
+   steps through time with ``unbind`` so its backward is linear in T too (indexing ``x[:, t]``
+   made it quadratic, which once inflated the ratio to 27x-190x).
+
 Targets: chunked >= 20x the sequential recurrence at T = 4096, no slower than transformers,
-T -> 2T growth <= 2.2x in time and memory.
+T -> 2T growth <= 2.2x in time and memory. transformers 5.x has no ``Mamba2Mixer.torch_forward``;
+without mamba_ssm its ``forward`` runs the hub kernels' reference PyTorch fallbacks, which is
+what the HF column times (training mode, no cache).
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ import torch
 from torch.utils.benchmark import Timer
 
 import hybrid_lm.models.mamba2.layer as mamba_layer
-from hybrid_lm.kernels.ssd import ssd_sequential
+from hybrid_lm.kernels.ssd import ssd_chunked, ssd_sequential
 from hybrid_lm.models.mamba2 import Mamba2
 
 WIDTH = dict(d_model=256, d_state=64, headdim=32, ngroups=1, chunk_size=64, expand=2)
@@ -103,6 +110,21 @@ def time_row(length: int, min_run_time: float) -> dict[str, float]:
     return row
 
 
+def scan_row(length: int, min_run_time: float) -> dict[str, float]:
+    """The scan alone (no projections, conv or norm, which both layer variants share)."""
+    g = torch.Generator().manual_seed(2)
+    heads, hdim = WIDTH["expand"] * WIDTH["d_model"] // WIDTH["headdim"], WIDTH["headdim"]
+    x = torch.randn(1, length, heads, hdim, generator=g).requires_grad_()
+    dt = (torch.rand(1, length, heads, generator=g) * 0.1).requires_grad_()
+    A = (-1 - torch.rand(heads, generator=g)).requires_grad_()
+    B, C = (torch.randn(1, length, WIDTH["ngroups"], WIDTH["d_state"], generator=g).requires_grad_() for _ in range(2))
+    with torch.no_grad():
+        torch.testing.assert_close(ssd_chunked(x, dt, A, B, C, WIDTH["chunk_size"]), ssd_sequential(x, dt, A, B, C),
+                                   rtol=1e-3, atol=1e-4)
+    return {"ours": median(lambda: ssd_chunked(x, dt, A, B, C, WIDTH["chunk_size"]).sum().backward(), min_run_time),
+            "seq": median(lambda: ssd_sequential(x, dt, A, B, C).sum().backward(), min_run_time / 2)}
+
+
 def peak_memory_child(length: int) -> None:
     """Subprocess body: print the VmHWM growth (bytes) of one forward + backward at ``length``."""
     torch.set_num_threads(1)
@@ -151,6 +173,12 @@ def main() -> None:
         r = rows[length] = time_row(length, min_run_time)
         print(f"{length:>6} {r['ours']*1e3:9.1f} {r['seq']*1e3:9.1f} {r['hf']*1e3:9.1f} "
               f"{r['seq']/r['ours']:9.1f} {r['hf']/r['ours']:8.2f}")
+
+    print("\nscan only (ssd_chunked vs ssd_sequential), forward+backward medians")
+    print(f"{'T':>6} {'ours ms':>9} {'seq ms':>9} {'seq/ours':>9}")
+    for length in lengths:
+        r = scan_row(length, min_run_time)
+        print(f"{length:>6} {r['ours']*1e3:9.1f} {r['seq']*1e3:9.1f} {r['seq']/r['ours']:9.1f}")
 
     print("\nscaling of ours, T -> 2T (time from the table above; memory = VmHWM growth in a subprocess)")
     mem_lengths = lengths + [2 * lengths[-1]]
