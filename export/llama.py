@@ -23,19 +23,8 @@ import torch
 
 from hybrid_lm.export.adapters import NativeAdapter, SpecialIds
 from hybrid_lm.export.model_dir import ExportError
+from hybrid_lm.models.attention.hf_mapping import hf_llama_config_kwargs, hf_llama_name, to_hf_llama_state_dict
 from hybrid_lm.models.config import AttentionConfig, MLPConfig, ModelConfig
-
-
-def _rename(name: str) -> str:
-    fixed = {"embed.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight",
-             "lm_head.weight": "lm_head.weight"}
-    if name in fixed:
-        return fixed[name]
-    _, block, part, *rest = name.split(".")
-    i, second = divmod(int(block), 2)
-    if part == "norm":
-        return f"model.layers.{i}.{'post_attention_layernorm' if second else 'input_layernorm'}.{'.'.join(rest)}"
-    return f"model.layers.{i}.{'mlp' if second else 'self_attn'}.{'.'.join(rest)}"
 
 
 class LlamaAdapter(NativeAdapter):
@@ -53,17 +42,11 @@ class LlamaAdapter(NativeAdapter):
     def hf_config(self, config: ModelConfig, special_ids: SpecialIds):
         from transformers import LlamaConfig
 
-        a = config.attention
-        return LlamaConfig(
-            vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.mlp_hidden_size,
-            num_hidden_layers=config.n_blocks // 2, num_attention_heads=a.n_heads,
-            num_key_value_heads=a.n_kv_heads or a.n_heads, head_dim=config.attention_head_dim,
-            hidden_act="silu", rms_norm_eps=config.norm_eps, attention_bias=a.bias, mlp_bias=False,
-            rope_parameters={"rope_type": "default", "rope_theta": a.rope_base},
-            tie_word_embeddings=config.tie_embeddings, initializer_range=config.init_std, **special_ids)
+        return LlamaConfig(**{**hf_llama_config_kwargs(config), "hidden_act": "silu",
+                              "initializer_range": config.init_std, **special_ids})
 
     def to_hf(self, config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {_rename(k): v for k, v in state_dict.items()}
+        return to_hf_llama_state_dict(state_dict, config)
 
     def from_hf_config(self, hf: dict) -> ModelConfig:
         """Our config for an HF Llama ``config.json`` dict; refuses features we do not have."""
@@ -91,7 +74,7 @@ class LlamaAdapter(NativeAdapter):
     def from_hf(self, config: ModelConfig, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from hybrid_lm.export.model_dir import expected_shapes
 
-        inverse = {_rename(k): k for k in expected_shapes(config)}
+        inverse = {hf_llama_name(k): k for k in expected_shapes(config)}
         unknown = sorted(k for k in hf_state if k not in inverse and "rotary_emb" not in k)
         if unknown:
             raise ExportError(f"Llama checkpoint has tensors with no hybrid-lm counterpart: {unknown[:8]}")

@@ -65,7 +65,7 @@ class Mamba2Adapter(NativeAdapter):
             out = hf_mapping.from_hf_mamba2_state_dict(hf_state, config)
         except KeyError as exc:
             raise ExportError(f"Mamba2 checkpoint: {exc}") from exc
-        known = {hf_mapping._rename(k) for k in out}
+        known = {hf_mapping.hf_mamba2_name(k) for k in out}
         unknown = sorted(set(hf_state) - known)
         if unknown:
             raise ExportError(f"Mamba2 checkpoint has tensors with no hybrid-lm counterpart: {unknown[:8]}")

@@ -52,7 +52,8 @@ def hf_llama_config_kwargs(config: ModelConfig, max_position_embeddings: int = 4
     )
 
 
-def _rename(name: str) -> str:
+def hf_llama_name(name: str) -> str:
+    """The HF Llama name of one of our parameter names."""
     fixed = {"embed.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight",
              "lm_head.weight": "lm_head.weight"}
     if name in fixed:
@@ -68,14 +69,14 @@ def _rename(name: str) -> str:
 def to_hf_llama_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Our ``HybridLM.state_dict()`` -> HF ``LlamaForCausalLM`` state dict (same tensors)."""
     _check(config)
-    return {_rename(k): v for k, v in state_dict.items()}
+    return {hf_llama_name(k): v for k, v in state_dict.items()}
 
 
 def from_hf_llama_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig,
                              our_names: list[str]) -> dict[str, torch.Tensor]:
     """HF Llama state dict -> ours, for the parameter names ``our_names`` of the target model."""
     _check(config)
-    out = {k: state_dict[_rename(k)] for k in our_names if _rename(k) in state_dict}
+    out = {k: state_dict[hf_llama_name(k)] for k in our_names if hf_llama_name(k) in state_dict}
     if config.tie_embeddings:
         out["lm_head.weight"] = out["embed.weight"]
     missing = set(our_names) - set(out)

@@ -65,7 +65,8 @@ def hf_mamba2_config_kwargs(config: ModelConfig) -> dict[str, Any]:
     )
 
 
-def _rename(name: str) -> str:
+def hf_mamba2_name(name: str) -> str:
+    """The HF Mamba2 name of one of our parameter names."""
     if name == "embed.weight":
         return "backbone.embeddings.weight"
     if name == "final_norm.weight":
@@ -85,13 +86,13 @@ def _rename(name: str) -> str:
 def to_hf_mamba2_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Our ``HybridLM.state_dict()`` -> HF ``Mamba2ForCausalLM`` state dict (same tensors)."""
     _check(config)
-    return {_rename(k): v for k, v in state_dict.items()}
+    return {hf_mamba2_name(k): v for k, v in state_dict.items()}
 
 
 def from_hf_mamba2_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """HF ``Mamba2ForCausalLM`` state dict -> ours; a tied HF model may omit ``lm_head.weight``."""
     _check(config)
-    inverse = {_rename(k): k for k in _our_names(config)}
+    inverse = {hf_mamba2_name(k): k for k in _our_names(config)}
     out = {inverse[k]: v for k, v in state_dict.items() if k in inverse}
     if config.tie_embeddings:
         out["lm_head.weight"] = out["embed.weight"]

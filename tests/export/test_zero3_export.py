@@ -44,7 +44,7 @@ def _job(run_dir, zero_stage, gas):
 
 def test_zero3_two_ranks_exports_like_one_rank(tmp_path):
     from hybrid_lm.cli import main as cli_main
-    from hybrid_lm.export.llama import _rename
+    from hybrid_lm.models.attention.hf_mapping import hf_llama_name
     from hybrid_lm.train.checkpoint import load_model_state
 
     run_distributed(_train, 2, args=(_job(tmp_path / "z3", 3, 1),))
@@ -59,7 +59,7 @@ def test_zero3_two_ranks_exports_like_one_rank(tmp_path):
     for ours, tensor in consolidated.state_dict.items():
         if ours == "lm_head.weight" and consolidated.model_config.tie_embeddings:
             continue  # tied: stored once, as the embedding
-        assert torch.equal(three[_rename(ours)], tensor), ours
+        assert torch.equal(three[hf_llama_name(ours)], tensor), ours
     for name, tensor in zero.items():
         torch.testing.assert_close(three[name], tensor, rtol=1e-4, atol=1e-5)
     # the weights moved away from init, so equality above is not two copies of the same init
