@@ -44,6 +44,11 @@ class TrainConfig:
     """clip the global gradient norm to this (0 disables)"""
     max_consecutive_nan: int = 5
     """abort after this many non-finite losses in a row (each one skips its update)"""
+    spike_sigma: float = 0.0
+    """skip an update whose loss exceeds the mean of the last ``spike_window`` losses by this many
+    standard deviations (0 disables; 6 is a common choice)"""
+    spike_window: int = 128
+    """finite step losses the spike guard compares against"""
     eval_at_start: bool = True
     """run the eval hooks once before the first step of a fresh run (the 'before' number)"""
     debug_nan_steps: list[int] = field(default_factory=list)

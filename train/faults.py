@@ -6,11 +6,17 @@
 * SIGTERM / SIGUSR1 (Slurm's warning before a time limit, torchrun's shutdown) only set a flag;
   the loop sees it at the next step boundary, saves a checkpoint and exits 0. Nothing heavy ever
   runs inside a signal handler.
+* Optionally (``train.spike_sigma > 0``) a loss far above the recent window (more than
+  ``spike_sigma`` standard deviations over the mean of the last ``spike_window`` finite losses) is
+  skipped the same way. The window lives in ``TrainerState`` so it survives a resume. After
+  ``max_consecutive_nan`` spikes in a row the step is accepted: a lasting shift of the loss (new
+  data, a schedule change) is not a spike.
 * ``debug_nan_steps`` (config ``train.debug_nan_steps``) turns the loss of chosen steps into NaN:
   a testing aid to prove the skip path, never used in real runs.
 """
 from __future__ import annotations
 
+import math
 import signal
 import sys
 from types import FrameType
@@ -75,3 +81,32 @@ class NanGuard:
                 f"..{step}, limit train.max_consecutive_nan={self.max_consecutive}); stopping. Lower the learning "
                 "rate or resume from an earlier checkpoint.")
         return True
+
+
+class SpikeGuard:
+    """Skips updates whose loss is an outlier against the recent window (disabled when sigma <= 0)."""
+
+    #: losses needed in the window before anything counts as a spike
+    MIN_HISTORY = 16
+
+    def __init__(self, sigma: float, window: int, max_consecutive: int) -> None:
+        self.sigma, self.window, self.max_consecutive = sigma, window, max_consecutive
+
+    def check(self, state: TrainerState, loss: float, step: int) -> bool:
+        """Record a finite global step loss; True means skip this step's update."""
+        history = state.loss_window
+        if self.sigma > 0 and len(history) >= min(self.MIN_HISTORY, self.window):
+            mean = sum(history) / len(history)
+            std = math.sqrt(sum((x - mean) ** 2 for x in history) / len(history))
+            threshold = mean + self.sigma * max(std, 1e-6 * abs(mean))
+            if loss > threshold and state.consecutive_spikes < self.max_consecutive:
+                state.spike_skipped += 1
+                state.consecutive_spikes += 1
+                print(f"[faults] step {step}: loss {loss:.4f} above the spike threshold {threshold:.4f} "
+                      f"(mean {mean:.4f} + {self.sigma} sigma over {len(history)} steps); update skipped",
+                      file=sys.stderr, flush=True)
+                return True
+        state.consecutive_spikes = 0
+        history.append(loss)
+        del history[: max(0, len(history) - self.window)]
+        return False

@@ -26,7 +26,7 @@ from hybrid_lm.train.checkpoint import manager
 from hybrid_lm.train.checkpoint.state import TrainerState
 from hybrid_lm.train.config import JobConfig, job_config_to_dict
 from hybrid_lm.train.evaluation import EvalContext, run_evals
-from hybrid_lm.train.faults import NanGuard, StopSignal
+from hybrid_lm.train.faults import NanGuard, SpikeGuard, StopSignal
 from hybrid_lm.train.metrics import MetricsLogger, TrainProgress, mfu, peak_flops
 from hybrid_lm.train.optim import build_optimizer, set_lr
 from hybrid_lm.train.parallelize import parallelize
@@ -47,8 +47,8 @@ class TrainResult:
     state: TrainerState = field(default_factory=TrainerState)
 
 
-def _train_step(engine, optimizer, batches, state: TrainerState, guard: NanGuard, stop: StopSignal,
-                gas: int, device: torch.device) -> tuple[float, int, bool]:
+def _train_step(engine, optimizer, batches, state: TrainerState, guard: NanGuard, spikes: SpikeGuard,
+                stop: StopSignal, gas: int, device: torch.device) -> tuple[float, int, bool]:
     """Run one optimizer step; returns (mean loss or NaN, global tokens, stop requested anywhere)."""
     loss_sum, nonfinite, tokens = 0.0, 0, 0
     for micro in range(gas):
@@ -67,11 +67,14 @@ def _train_step(engine, optimizer, batches, state: TrainerState, guard: NanGuard
             engine.step()  # DeepSpeed counts micro-steps here; no update before the boundary
     g_loss, g_nonfinite, g_tokens, g_stop = D.all_reduce_sum(
         [loss_sum, nonfinite, tokens, float(stop.requested)], device)
-    optimizer.skip_next_step = guard.record(state, g_nonfinite == 0, state.step)
+    n_finite = gas * D.dist.get_world_size() - g_nonfinite
+    mean_loss = g_loss / n_finite if g_nonfinite == 0 else float("nan")
+    skip = guard.record(state, g_nonfinite == 0, state.step)
+    # every rank sees the same reduced loss and window, so every rank takes the same decision
+    optimizer.skip_next_step = skip or spikes.check(state, mean_loss, state.step)
     engine.step()
     optimizer.skip_next_step = False  # ZeRO may already have dropped the step on a non-finite grad norm
-    n_finite = gas * D.dist.get_world_size() - g_nonfinite
-    return (g_loss / n_finite if g_nonfinite == 0 else float("nan")), int(g_tokens), g_stop > 0
+    return mean_loss, int(g_tokens), g_stop > 0
 
 
 def train(cfg: JobConfig, *, make_loader: Optional[LoaderFactory] = None) -> TrainResult:
@@ -95,6 +98,7 @@ def train(cfg: JobConfig, *, make_loader: Optional[LoaderFactory] = None) -> Tra
             print(f"[train] resumed from {resume_from} at step {state.step}", flush=True)
     lr_at = build_lr_schedule(cfg.schedule, cfg.train.steps, cfg.optim.lr)
     guard = NanGuard(cfg.train.max_consecutive_nan, cfg.train.debug_nan_steps)
+    spikes = SpikeGuard(cfg.train.spike_sigma, cfg.train.spike_window, cfg.train.max_consecutive_nan)
     logger = MetricsLogger(run_dir, info.rank, cfg.logging.tensorboard)
     progress = TrainProgress(cfg.train.steps, state.step, info.rank)
     train_flops = 3.0 * model.flops_per_token(cfg.data.seq_len)
@@ -127,7 +131,7 @@ def train(cfg: JobConfig, *, make_loader: Optional[LoaderFactory] = None) -> Tra
         while state.step < cfg.train.steps:
             lr = lr_at(state.step)
             set_lr(optimizer, lr)
-            loss, tokens, stop_requested = _train_step(engine, optimizer, batches, state, guard, stop, gas, info.device)
+            loss, tokens, stop_requested = _train_step(engine, optimizer, batches, state, guard, spikes, stop, gas, info.device)
             result.losses[state.step] = loss
             state.step += 1
             state.tokens += tokens
@@ -142,7 +146,7 @@ def train(cfg: JobConfig, *, make_loader: Optional[LoaderFactory] = None) -> Tra
                 grad_norm = engine.get_global_grad_norm()
                 window_loss = sum(window_losses) / len(window_losses) if window_losses else float("nan")
                 metrics = {"train/loss": window_loss, "train/lr": lr, "train/tokens": state.tokens, "train/tokens_per_s": tps,
-                           "train/nan_skipped": state.nan_skipped,
+                           "train/nan_skipped": state.nan_skipped, "train/spike_skipped": state.spike_skipped,
                            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
                 util = mfu(train_flops, tps / info.world_size, peak) if peak else None
                 if util is not None:

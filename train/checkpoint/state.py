@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,10 @@ class TrainerState:
     """tokens consumed across all ranks (padding/ignored labels included)"""
     nan_skipped: int = 0
     consecutive_nan: int = 0
+    spike_skipped: int = 0
+    consecutive_spikes: int = 0
+    loss_window: list[float] = field(default_factory=list)
+    """the recent finite step losses the spike guard compares against (checkpointed with the run)"""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
