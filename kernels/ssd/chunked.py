@@ -71,7 +71,9 @@ def decay_transposed(dA: torch.Tensor) -> torch.Tensor:
     """
     q = dA.size(-1)
     later = torch.ones(q, q, dtype=dA.dtype, device=dA.device).triu(1)  # [s, l] = 1 where l > s
-    return (dA[..., None, :] * later).cumsum(dim=-1).clamp_min_(_log_floor(dA.dtype)).exp_()
+    # In place: every fresh (..., Q, Q) buffer costs page faults comparable to the op itself.
+    out = dA[..., None, :] * later
+    return out.cumsum_(dim=-1).clamp_min_(_log_floor(dA.dtype)).exp_()
 
 
 class _DiagonalBlocks(torch.autograd.Function):
@@ -102,7 +104,7 @@ class _DiagonalBlocks(torch.autograd.Function):
         dy = dy.contiguous()
         dX = m_t @ dy
         dm_t = X @ dy.transpose(-1, -2)  # dMᵀ[s, l] = X[s]·dY[l]
-        dscores_t = (dm_t * decay_t).sum(dim=-3, keepdim=True)
+        dscores_t = dm_t.mul_(decay_t).sum(dim=-3, keepdim=True)
         dAcum = (dy * y).sum(-1) - (X * dX).sum(-1)  # (..., G, R, Q)
         ddA = dAcum.flip(-1).cumsum(-1).flip(-1)  # Acum[l] = Σ_{k<=l} dA[k]
         return dscores_t, ddA, dX
@@ -182,8 +184,8 @@ def ssd_chunked(
     to_end = exp_flushed(Acum[..., -1:] - Acum)  # (B, c, G, R, Q); exponent <= 0
     if seg is not None:
         to_end = to_end * (segc == segc[:, :, -1:]).to(work)[:, :, None, None]  # mask 3
-    to_end = to_end.transpose(-1, -2).repeat_interleave(hdim, dim=-1)  # (B, c, G, Q, R·P)
-    chunk_states = (Xtok * to_end).transpose(-1, -2) @ Bc  # (B, c, G, R·P, N)
+    scaled = Xtok.unflatten(-1, (rep, hdim)) * to_end.transpose(-1, -2)[..., None]  # (B, c, G, Q, R, P)
+    chunk_states = scaled.flatten(-2).transpose(-1, -2) @ Bc  # (B, c, G, R·P, N)
 
     # 3. State passing as one matmul per head: entering[i] = Σ_{j<=i} W[i, j] · S[j] over the
     # stacked [S_0, chunk_states], W = exp(segsum(pad(chunk totals))) (spec §1.4 step 3).
