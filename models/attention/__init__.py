@@ -1,7 +1,13 @@
 """Causal GQA attention with RoPE, sliding window, documents and KV cache: layer letter ``A``."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from hybrid_lm.models.attention.layer import Attention
 from hybrid_lm.models.common.registry import register_layer
-from hybrid_lm.models.config import ModelConfig
+
+if TYPE_CHECKING:  # models.config imports the Titans package, which uses this package's window kernel
+    from hybrid_lm.models.config import ModelConfig
 
 
 @register_layer("A", "attention", "causal GQA attention with RoPE (optional sliding window)")

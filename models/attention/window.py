@@ -8,12 +8,15 @@ windowed calls with T > 2W; the result equals the dense-mask path (tests compare
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 
 def blocked_window_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: torch.Tensor, window: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: torch.Tensor, window: int,
+    prefix: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Causal sliding-window attention with documents, block by block.
 
@@ -22,6 +25,8 @@ def blocked_window_attention(
         k, v: (B, KV, T, d) rotated keys and values; KV divides H (grouped-query heads).
         seg: (B, T) non-decreasing segment index; a query sees keys of its own segment only.
         window: W; a query at t sees keys t - W + 1 .. t.
+        prefix: optional keys and values (B, KV, P, d) that every query sees whatever its segment
+            and position (Titans' persistent memory); P extra columns per block, not a (T, T) mask.
     Returns:
         (B, H, T, d).
     """
@@ -52,13 +57,18 @@ def blocked_window_attention(
     k_idx = torch.arange(-w, w, device=q.device)[None, :]
     allowed = (k_idx <= q_idx) & (q_idx - k_idx < w)  # (W, 2W)
     mask = allowed & (q_seg[..., :, None] == key_seg[..., None, :])  # (B, nb, W, 2W)
+    if prefix is not None:
+        pk, pv = (t[:, :, None].expand(-1, -1, nblocks, -1, -1) for t in prefix)
+        keys, values = torch.cat([pk, keys], dim=3), torch.cat([pv, values], dim=3)
+        mask = torch.cat([mask.new_ones(batch, nblocks, w, pk.size(3)), mask], dim=3)
 
     # Fold the blocks into the batch: SDPA's grouped-query support wants heads at dim 1.
     qb = q.view(batch, heads, nblocks, w, dim).transpose(1, 2).reshape(batch * nblocks, heads, w, dim)
-    kb = keys.transpose(1, 2).reshape(batch * nblocks, kv_heads, 2 * w, dim)
-    vb = values.transpose(1, 2).reshape(batch * nblocks, kv_heads, 2 * w, dim)
+    n_keys = keys.size(3)
+    kb = keys.transpose(1, 2).reshape(batch * nblocks, kv_heads, n_keys, dim)
+    vb = values.transpose(1, 2).reshape(batch * nblocks, kv_heads, n_keys, dim)
     out = F.scaled_dot_product_attention(
-        qb, kb, vb, attn_mask=mask.reshape(batch * nblocks, 1, w, 2 * w), enable_gqa=heads != kv_heads
+        qb, kb, vb, attn_mask=mask.reshape(batch * nblocks, 1, w, n_keys), enable_gqa=heads != kv_heads
     )
     out = out.view(batch, nblocks, heads, w, dim).transpose(1, 2).reshape(batch, heads, nblocks * w, dim)
     return out[:, :, :length]

@@ -1,8 +1,9 @@
 """Sliding-window causal attention with persistent memory, for MAG and MAL (and MAC's pieces).
 
-Written here because ``models/attention`` did not exist when the memory family was built; it is
-deliberately minimal: PyTorch SDPA with an explicit boolean mask (O(T * (T + window)) memory,
-fine for the CPU sizes of tests and benches; a block-sparse kernel belongs in models/attention).
+Separate from ``models/attention`` because of persistent memory, per-document RoPE and a cache of
+exactly ``window - 1`` keys. Short calls (decoding, T <= 2 * window) use one SDPA call with an
+explicit mask; longer calls go block by block through ``models/attention/window.py`` with the
+persistent keys as an always-visible prefix, so memory stays O(T * window) at long context.
 
 * Persistent memory (spec 2.5): ``n_persistent`` learned key/value pairs per head, prepended to
   every query's context and always visible, without RoPE (they have no position). This is
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybrid_lm.models.attention.window import blocked_window_attention
 from hybrid_lm.models.common.mixer import Layer, State, linear_flops
 
 
@@ -104,15 +106,11 @@ class SlidingWindowAttention(nn.Module):
         docs = torch.zeros(bsz, seq_len, dtype=torch.long, device=x.device) if doc_ids is None else doc_ids
         kdocs = torch.cat([docs[:, :1].expand(bsz, c), docs], dim=1)
         kvalid = torch.cat([state["valid"], state["valid"].new_ones(bsz, seq_len)], dim=1)
-        qi = torch.arange(seq_len, device=x.device)[:, None] + c  # query index in key coordinates
-        ki = torch.arange(c + seq_len, device=x.device)[None, :]
-        mask = (ki <= qi) & (qi - ki < self.window)
-        mask = mask[None] & kvalid[:, None, :] & (kdocs[:, None, :] == docs[:, :, None])  # (B, T, c+T)
-        if self.persistent is not None:
-            pk, pv = self.persistent.expand(bsz, x.dtype)
-            keys, vals = torch.cat([pk, keys], dim=2), torch.cat([pv, vals], dim=2)
-            mask = torch.cat([mask.new_ones(bsz, seq_len, self.persistent.n), mask], dim=2)
-        out = F.scaled_dot_product_attention(q, keys[:, :, -mask.size(-1) :], vals[:, :, -mask.size(-1) :], attn_mask=mask[:, None])
+        pers = self.persistent.expand(bsz, x.dtype) if self.persistent is not None else None
+        if c + seq_len > 2 * self.window:
+            out = self._blocked(q, keys, vals, kdocs, kvalid, pers)
+        else:
+            out = self._dense(q, keys, vals, kdocs, kvalid, docs, pers)
         y = self.o_proj(out.transpose(1, 2).reshape(bsz, seq_len, d))
         n_keys = keys.size(2)
         keep_valid = kvalid[:, kvalid.size(1) - c :] & (kdocs[:, kdocs.size(1) - c :] == docs[:, -1:])
@@ -121,6 +119,31 @@ class SlidingWindowAttention(nn.Module):
             "valid": keep_valid, "pos": pos[:, -1] + 1,
         }
         return y, new_state
+
+    def _dense(self, q, keys, vals, kdocs, kvalid, docs, pers):  # type: ignore[no-untyped-def]
+        """One SDPA call with an explicit (T, c + T) mask: cheapest for short calls and decoding."""
+        seq_len, c = q.size(2), keys.size(2) - q.size(2)
+        qi = torch.arange(seq_len, device=q.device)[:, None] + c  # query index in key coordinates
+        ki = torch.arange(c + seq_len, device=q.device)[None, :]
+        mask = (ki <= qi) & (qi - ki < self.window)
+        mask = mask[None] & kvalid[:, None, :] & (kdocs[:, None, :] == docs[:, :, None])  # (B, T, c+T)
+        if pers is not None:
+            keys, vals = torch.cat([pers[0], keys], dim=2), torch.cat([pers[1], vals], dim=2)
+            mask = torch.cat([mask.new_ones(mask.size(0), seq_len, pers[0].size(2)), mask], dim=2)
+        return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask[:, None])
+
+    def _blocked(self, q, keys, vals, kdocs, kvalid, pers):  # type: ignore[no-untyped-def]
+        """Long calls block by block (O(T * window) memory, not a (T, c + T) mask and score matrix).
+
+        The c cached keys become positions -c..-1 of one sequence with dummy queries (dropped);
+        a cached slot that is not valid gets a segment of its own, so no real query sees it.
+        """
+        bsz, _, seq_len, dh = q.shape
+        c = keys.size(2) - seq_len
+        lonely = torch.iinfo(torch.long).min + torch.arange(c + seq_len, device=q.device)[None]
+        seg = torch.where(kvalid, kdocs, lonely)
+        q_all = torch.cat([q.new_zeros(bsz, q.size(1), c, dh), q], dim=2)
+        return blocked_window_attention(q_all, keys, vals, seg, self.window, prefix=pers)[:, :, c:]
 
     def flops_per_token(self, seq_len: int) -> float:
         d = self.n_heads * self.head_dim

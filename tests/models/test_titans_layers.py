@@ -107,3 +107,25 @@ def test_stack_trains_and_generates(pattern: str) -> None:
     full = model.generate(ids[:, :6], 4)
     logits = model(full[:, :-1]).logits
     assert torch.equal(full[:, 6:], logits[:, 5:].argmax(-1))  # decode path == parallel path
+
+
+@pytest.mark.parametrize("window", [1, 3, 4])
+@pytest.mark.parametrize("n_persistent", [0, 2])
+def test_window_attention_blocked_equals_dense(window: int, n_persistent: int) -> None:
+    """The O(T * window) block path of long calls equals one SDPA call with the full mask, with a
+    partly valid cache carried in, two documents in a row and persistent keys."""
+    from hybrid_lm.models.titans.attention import SlidingWindowAttention, doc_positions, rope
+
+    torch.manual_seed(0)
+    attn = SlidingWindowAttention(16, 2, window, n_persistent, 1e4).to(DT)
+    bsz, length, c = 2, 13, window - 1
+    q = torch.randn(bsz, 2, length, 8, dtype=DT)
+    keys, vals = torch.randn(2, bsz, 2, c + length, 8, dtype=DT).unbind(0)
+    docs = torch.tensor([[0] * 5 + [1] * (length - 5), [3] * length])
+    kdocs = torch.cat([docs[:, :1].expand(bsz, c), docs], dim=1)
+    kvalid = torch.ones(bsz, c + length, dtype=torch.bool)
+    kvalid[0, 0] = False if c else True
+    pers = attn.persistent.expand(bsz, DT) if attn.persistent is not None else None
+    dense = attn._dense(q, keys, vals, kdocs, kvalid, docs, pers)
+    blocked = attn._blocked(q, keys, vals, kdocs, kvalid, pers)
+    torch.testing.assert_close(blocked, dense, rtol=0, atol=1e-12)
