@@ -119,20 +119,21 @@ class Mamba2(Layer):
         """u (B, L, D) -> (B, L, D); ``state`` continues a previous call (first document only)."""
         batch, length, _ = x.shape
         z, xbc, dt_raw = torch.split(self.in_proj(x), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        conv_in = xbc.transpose(1, 2)  # (B, conv_dim, L)
         conv_state = None if state is None else state["conv"]
         weight = self.conv1d.weight[:, 0]  # (conv_dim, K)
         if backends.use_conv_kernel(x, self.backend, conv_state is not None):  # pragma: no cover - CUDA
             seq_idx = None if doc_ids is None else backends.seq_idx_from_doc_ids(doc_ids)
-            xbc = backends.causal_conv1d_fn(conv_in, weight, self.conv1d.bias, seq_idx=seq_idx, activation="silu")
             new_conv = None
             if return_state:
-                zeros = conv_in.new_zeros(batch, self.conv_dim, self.d_conv - 1)
-                new_conv = final_conv_state(conv_in, zeros, doc_ids)
+                zeros = xbc.new_zeros(batch, self.conv_dim, self.d_conv - 1)
+                new_conv = final_conv_state(xbc, zeros, doc_ids)
+            xbc = backends.causal_conv1d_fn(
+                xbc.transpose(1, 2), weight, self.conv1d.bias, seq_idx=seq_idx, activation="silu"
+            ).transpose(1, 2)
         else:
-            xbc, new_conv = causal_conv(conv_in, weight, self.conv1d.bias, conv_state, doc_ids)
+            xbc, new_conv = causal_conv(xbc, weight, self.conv1d.bias, conv_state, doc_ids)
             xbc = F.silu(xbc)
-        xs, bm, cm = self._split_xbc(xbc.transpose(1, 2))
+        xs, bm, cm = self._split_xbc(xbc)
         work = torch.promote_types(x.dtype, torch.float32)
         dt = F.softplus(dt_raw.to(work) + self.dt_bias.to(work))  # (B, L, H), fp32 at least
         A = -torch.exp(self.A_log.to(work))

@@ -135,3 +135,18 @@ def test_layer_matches_transformers_mixer(ngroups):
     x = torch.randn(2, 19, 16)
     with torch.no_grad():
         torch.testing.assert_close(layer(x)[0], hf(x), rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_conv_equals_conv1d():
+    """The shifted multiply-add conv equals torch's depthwise conv1d with left padding."""
+    from hybrid_lm.models.mamba2.conv import causal_conv
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 6, dtype=torch.float64)
+    weight, bias = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    state = torch.randn(2, 6, 3, dtype=torch.float64)
+    y, new_state = causal_conv(x, weight, bias, state)
+    padded = torch.cat([state, x.transpose(1, 2)], dim=2)
+    expected = torch.nn.functional.conv1d(padded, weight[:, None], bias, groups=6).transpose(1, 2)
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(new_state, x.transpose(1, 2)[:, :, -3:], rtol=0, atol=0)
