@@ -12,7 +12,7 @@ absolute times on shared CPUs are noise, the ratios are what holds, see /work/sh
 2. time and peak memory of ours at T vs 2T. Peak memory is the growth of the resident set's
    high-water mark (``VmHWM`` in /proc/self/status, reset through /proc/self/clear_refs; Linux
    only) over the resident size before one forward + backward, in a fresh subprocess per size
-   after a short warm-up. It counts every allocation torch makes on CPU (activations kept for
+   after a short warm-up (probe in ``peak_memory.py``, shared with bench_memory.py). It counts every allocation torch makes on CPU (activations kept for
    backward and transient intermediates), not just Python objects (all tracemalloc sees).
    ``ru_maxrss`` would not do: Linux carries it over from the parent across fork/exec.
 
@@ -29,10 +29,6 @@ what the HF column times (training mode, no cache).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import warnings
 from contextlib import contextmanager
 
@@ -42,6 +38,7 @@ from torch.utils.benchmark import Timer
 import hybrid_lm.models.mamba2.layer as mamba_layer
 from hybrid_lm.kernels.ssd import ssd_chunked, ssd_sequential
 from hybrid_lm.models.mamba2 import Mamba2
+from peak_memory import hwm_growth, report, run_child
 
 WIDTH = dict(d_model=256, d_state=64, headdim=32, ngroups=1, chunk_size=64, expand=2)
 
@@ -132,25 +129,11 @@ def peak_memory_child(length: int) -> None:
     fwd_bwd(layer, torch.randn(1, 16, WIDTH["d_model"]), True)  # warm-up: allocator, lazy init
     x = torch.randn(1, length, WIDTH["d_model"])
     layer.zero_grad()
-    with open("/proc/self/clear_refs", "w") as f:  # reset this process's RSS high-water mark
-        f.write("5")
-    before = _status_kib("VmRSS")
-    fwd_bwd(layer, x, True)
-    print(json.dumps({"peak_bytes": (_status_kib("VmHWM") - before) * 1024}))
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
+    report(hwm_growth(lambda: fwd_bwd(layer, x, True)))
 
 
 def peak_memory(length: int) -> float:
-    out = subprocess.run([sys.executable, __file__, "--memory-child", str(length)], capture_output=True, text=True,
-                         check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+    return run_child(__file__, "--memory-child", str(length))
 
 
 def main() -> None:

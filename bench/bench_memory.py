@@ -5,15 +5,16 @@ Run: ``python bench/bench_memory.py`` (add ``--quick`` for a smoke run).
 Reports, as medians of ``torch.utils.benchmark.Timer`` in one run (ratios, not absolute times,
 are what holds on shared CPUs; see /work/shared/PERFORMANCE.md):
 1. chunked kernel vs the per-token oracle at T = 512, 1024, 2048, outputs asserted equal;
-2. chunked time and peak memory at T vs 2T (a linear layer stays near 2x);
+2. chunked time and peak memory at T vs 2T (a linear layer stays near 2x). Peak memory is the
+   growth of the resident high-water mark (VmHWM) over one forward call in a fresh subprocess
+   per size after a warm-up (``peak_memory.py``); it sees torch's CPU allocations, which the
+   tracemalloc figure used before did not;
 3. training-step throughput of a MAC hybrid relative to an attention-only model of equal width
-   (the attention baseline is this family's sliding-window attention with the window set to the
-   full length, i.e. full causal attention, since models/attention is another engineer's module).
+   (the baseline is the stack's own causal attention layer ``A``: SDPA with is_causal, no mask).
 """
 from __future__ import annotations
 
 import argparse
-import tracemalloc
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ from hybrid_lm.kernels.titans.memory_mlp import memory_dims
 from hybrid_lm.kernels.titans.reference import sequential_memory_update
 from hybrid_lm.models.config import ModelConfig
 from hybrid_lm.models.hybrid import HybridLM
-from hybrid_lm.models.titans.attention import SlidingWindowAttention, WindowAttentionLayer
+from peak_memory import hwm_growth, report, run_child
 
 
 def kernel_inputs(length: int, heads: int = 4, d: int = 16, depth: int = 2, chunk: int = 16) -> tuple:
@@ -39,21 +40,32 @@ def kernel_inputs(length: int, heads: int = 4, d: int = 16, depth: int = 2, chun
 
 
 def median(stmt: str, env: dict, min_run: float) -> float:
-    return Timer(stmt, globals=env, num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=min_run).median
+    # One intra-op thread (as bench_mamba2): on a shared 2-core machine two threads make single rows
+    # swing by 10-50x whenever another job runs, and every ratio here compares equal thread counts.
+    return Timer(stmt, globals=env, num_threads=1).blocked_autorange(min_run_time=min_run).median
 
 
-def peak_bytes(fn) -> int:  # type: ignore[no-untyped-def]
-    tracemalloc.start()
-    fn()
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    return peak
+def peak_memory_child(length: int) -> None:
+    """Subprocess body: print the VmHWM growth (bytes) of one chunked forward at ``length``."""
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        chunked_memory_update(*kernel_inputs(64), residual=True)  # warm-up: allocator, lazy init
+        a = kernel_inputs(length)
+        report(hwm_growth(lambda: chunked_memory_update(*a, residual=True)))
+
+
+def peak_bytes(length: int) -> float:
+    return run_child(__file__, "--memory-child", str(length))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory_child is not None:
+        peak_memory_child(args.memory_child)
+        return
     lengths = [128, 256] if args.quick else [512, 1024, 2048]
     min_run = 0.2 if args.quick else 1.0
     print("## chunked vs per-token oracle (4 heads, d_head 16, depth 2, chunk 16, fp32, forward)")
@@ -70,27 +82,24 @@ def main() -> None:
             tc = median("f(*a, residual=True)", env, min_run)
             ts = median("g(*a, residual=True)", env, min_run)
             print(f"| {length} | {tc * 1e3:.1f} | {ts * 1e3:.1f} | {ts / tc:.1f}x | {err:.1e} |")
-        print("\n## scaling of the chunked kernel: T vs 2T")
-        print("| T | time ratio 2T/T | peak-memory ratio 2T/T |")
-        print("|---|---|---|")
+        print("\n## scaling of the chunked kernel: T vs 2T (memory: VmHWM growth in a subprocess)")
+        print("| T | time ratio 2T/T | peak MiB at T | peak MiB at 2T | peak-memory ratio 2T/T |")
+        print("|---|---|---|---|---|")
         for length in lengths[:-1]:
             a1, a2 = kernel_inputs(length), kernel_inputs(2 * length)
             env = {"f": chunked_memory_update, "a1": a1, "a2": a2}
             t1, t2 = median("f(*a1, residual=True)", env, min_run), median("f(*a2, residual=True)", env, min_run)
-            m1 = peak_bytes(lambda: chunked_memory_update(*a1, residual=True))
-            m2 = peak_bytes(lambda: chunked_memory_update(*a2, residual=True))
-            print(f"| {length} | {t2 / t1:.2f} | {m2 / m1:.2f} |")
+            m1, m2 = peak_bytes(length), peak_bytes(2 * length)
+            print(f"| {length} | {t2 / t1:.2f} | {m1 / 2**20:.1f} | {m2 / 2**20:.1f} | {m2 / m1:.2f} |")
     print("\n## training step throughput: MAC hybrid vs attention-only (d_model 64, 4 blocks, batch 2)")
     length = 256 if args.quick else 1024
     rows = []
-    for name, memory in (("MAC hybrid C-C-", True), ("attention only (full causal) A-A-", False)):
+    for name, pattern in (("MAC hybrid C-C-", "C-C-"), ("attention only (full causal, layer A) A-A-", "A-A-")):
         torch.manual_seed(0)
-        cfg = ModelConfig(d_model=64, layer_pattern="C-C-", vocab_size=256)
+        cfg = ModelConfig(d_model=64, layer_pattern=pattern, vocab_size=256)
         cfg.titans.segment_len, cfg.titans.chunk_size, cfg.titans.memory_expansion = 64, 16, 2
+        cfg.attention.n_heads = cfg.titans.n_heads
         model = HybridLM(cfg)
-        if not memory:
-            for block in model.blocks[::2]:
-                block.layer = WindowAttentionLayer(SlidingWindowAttention(64, cfg.titans.n_heads, length, 0, 1e4))
         ids = torch.randint(0, 256, (2, length))
 
         def train_step() -> None:

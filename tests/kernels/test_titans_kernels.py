@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybrid_lm.kernels.titans.chunked import chunked_memory_update
+from hybrid_lm.kernels.titans.chunked import _closed_form, _materialised, chunked_memory_update
 from hybrid_lm.kernels.titans.memory_mlp import memory_dims, memory_forward, memory_grads
 from hybrid_lm.kernels.titans.reference import sequential_memory_update
 
@@ -111,3 +111,63 @@ def test_fp32_matches_fp64() -> None:
     f = lambda xs: [x.float() for x in xs]  # noqa: E731
     y32, *_ = chunked_memory_update(f(w), f(s), f(w), k.float(), v.float(), gamma.float(), q.float(), th.float(), et.float(), al.float(), valid, 4, residual=True)
     torch.testing.assert_close(y32.double(), y64, atol=1e-5, rtol=1e-5)
+
+
+def _padded_case(depth: int, c: int, chunk: int, length: int, seed: int = 0) -> tuple:
+    """Inputs with a carried anchor != w, a front-padded first chunk, padding inside a chunk,
+    and (for chunk <= 4) a chunk of padding only in stream 1."""
+    w, s, k, v, gamma, q, th, et, al, valid = make_inputs(length=length, c=c, depth=depth, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    anchor = [x + 0.05 * torch.randn(x.shape, generator=g, dtype=DT) for x in w]
+    valid[0, :2] = False
+    valid[1, 4:8] = False
+    valid[2, length - 3 : length - 1] = False
+    return (w, s, anchor, k, v, gamma, q, th, et, al, valid, chunk)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3], ids=lambda d: f"depth{d}")
+@pytest.mark.parametrize("chunk", [1, 4, 5, 16], ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("window", [1, 3], ids=lambda c: f"c{c}")
+def test_closed_form_equals_materialised(depth: int, chunk: int, window: int) -> None:
+    """The closed-form read (plain momentum) against b materialised weights per chunk, fp64."""
+    args = _padded_case(depth, window, chunk, length=23)
+    for residual in (False, True):
+        for bias in ("l2", "dot"):
+            y1, w1, s1, a1 = _closed_form(*args, residual=residual, bias=bias)
+            y2, w2, s2, a2 = _materialised(*args, residual=residual, bias=bias)
+            torch.testing.assert_close(y1, y2, atol=1e-12, rtol=1e-12)
+            assert len(a1) == len(a2) == -(-23 // chunk)
+            for x, z in zip(w1 + s1 + sum(a1, []), w2 + s2 + sum(a2, [])):
+                torch.testing.assert_close(x, z, atol=1e-12, rtol=1e-12)
+
+
+def test_closed_form_padding_chunk_keeps_anchor() -> None:
+    """A chunk of padding only in one stream leaves that stream's anchor as it was carried."""
+    args = list(_padded_case(2, 1, 4, length=12))
+    valid = args[10]
+    valid[1] = True
+    valid[1, :4] = False  # stream 1: first chunk padding only (front alignment of a carried chunk)
+    _, _, _, anchors = chunked_memory_update(*args, residual=True)
+    _, _, _, ref = _materialised(*args, residual=True)
+    for l, a0 in enumerate(args[2]):
+        torch.testing.assert_close(anchors[1][l][1], a0[1], atol=0, rtol=0)
+        assert not torch.allclose(anchors[1][l][0], a0[0])
+        for got, want in zip(anchors, ref):
+            torch.testing.assert_close(got[l], want[l], atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("bias", ["l2", "dot"])
+def test_closed_form_gradients_equal_materialised(bias: str) -> None:
+    """Backprop through the closed form gives the materialised path's gradients for every input."""
+    base = _padded_case(2, 2, 4, length=11)
+
+    def grads(fn) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+        leaves = [[x.clone().requires_grad_() for x in base[i]] for i in range(3)]
+        tensors = [x.clone().requires_grad_() for x in base[3:10]]
+        y, w_end, s_end, anchors = fn(*leaves, *tensors, base[10], base[11], residual=True, bias=bias)
+        loss = (y ** 2).sum() + sum((x ** 2).sum() for x in w_end + s_end + anchors[-1])
+        inputs = sum(leaves, []) + tensors
+        return torch.autograd.grad(loss, inputs)
+
+    for a, b in zip(grads(_closed_form), grads(_materialised)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
