@@ -2,14 +2,15 @@
 
 The sequence is cut into chunks of Q tokens (spec 01 §1.4). Inside a chunk the output is a masked
 Q x Q "attention" with scores C·B and decays exp(segsum(dt·A)); across chunks a (B, H, P, N) state
-is passed by one small matmul with the (c+1) x (c+1) matrix exp(segsum(chunk totals)) per head
-(c = L/Q chunks). The largest intermediates are (B, c, H, Q, Q) and (B, c, H, P, N); the state
-passing matrix is quadratic in c, but c = 64 at L = 4096, Q = 64, so it costs as much as one of
-the linear einsums and replaces a Python loop whose autograd graph had ~20 nodes per chunk.
+is passed by the recurrence S_end(c) = exp(total_c) · S_end(c-1) + st_c (c = L/Q chunks). The
+largest intermediates are the per-head (B, c, H, Q, Q) decays and (B, c, H, P, N) states.
 
-The diagonal blocks run in a custom autograd function (``_DiagonalBlocks``): the per-head Q x Q
-decay is built once per call (one masked cumsum + exp, no autograd graph over it) and its
-gradient is taken from dY·Y and X·dX instead of differentiating the Q x Q segsum (see README).
+Two custom autograd functions keep the graph small and the backward cheap:
+``_DiagonalBlocks`` builds the per-head Q x Q decay once per call (no autograd graph over it) and
+takes its gradient from dY·Y and X·dX instead of differentiating the Q x Q segsum (see README);
+``_StatePassing`` runs the chunk recurrence as in-place multiply-adds with a hand-written reverse
+recurrence (an autograd graph over that loop had ~20 nodes per chunk, and the dense
+(c+1) x (c+1) matmul that replaced it cost ~70x the flops plus layout copies).
 
 Packed documents use the five explicit masks of §1.7 rather than -inf decays (which give
 inf - inf = NaN in the state decay). All internals run in fp32 (fp64 when x is fp64), as the
@@ -61,26 +62,41 @@ def decay_transposed(dA: torch.Tensor) -> torch.Tensor:
     """exp(segsum(dA)) transposed, with ones instead of zeros above the diagonal: (..., Q) -> (..., Q, Q).
 
     ``out[..., s, l] = exp(sum_{k=s+1..l} dA[..., k])`` for l >= s, and 1 for l < s (the caller
-    multiplies by a lower-triangular score matrix, which zeroes those). The same stable masked
-    cumsum as ``segsum``, but summed along the contiguous last dim (about 2x faster on CPU than
-    down the rows) and masked by a multiply, which is cheaper than a broadcast ``masked_fill``.
-    Exponents are <= 0 wherever they are used and exactly 0 elsewhere, so nothing overflows.
+    multiplies by a lower-triangular score matrix, which zeroes those). Requires dA <= 0 (log
+    decays): in fp32 the exponents are clamped to [log floor, 0], which is what sets the l < s
+    entries (positive differences there) to 1.
     Decays below 2^30 x the smallest normal number (1e-29 in fp32) are raised to it, so no
-    subnormal reaches the matmuls (see ``exp_flushed``; an in-place clamp is ~5x cheaper than its
-    comparison here, and an absolute error of 1e-29 is far below rounding).
+    subnormal reaches the matmuls (see ``exp_flushed``; an absolute error of 1e-29 is far below
+    rounding).
+
+    fp32: ``Acum[l] - Acum[s]`` with Acum summed in fp64 and split into fp32 hi + lo parts, i.e.
+    (hi[l] - hi[s]) + lo[l] - lo[s]. The lo parts carry what rounding Acum to fp32 dropped, so there
+    is no cancellation of large prefix sums (the reason ``segsum`` avoids plain differences), and
+    the error stays a few ulp of the segment sum itself, the same order as the masked cumsum's.
+    Five vectorised passes instead of a masked multiply plus a cumsum along Q, which runs
+    scalar on CPU: 4.2 ms instead of 9.5-18 ms at (1, 64, 1, 16, 64, 64) alone (~1 ms of the scan's
+    forward at L = 4096).
+    fp64 (tests, the oracle's dtype) keeps the masked cumsum of ``segsum``, with nothing wider to
+    split into.
     """
     q = dA.size(-1)
-    later = torch.ones(q, q, dtype=dA.dtype, device=dA.device).triu(1)  # [s, l] = 1 where l > s
-    # In place: every fresh (..., Q, Q) buffer costs page faults comparable to the op itself.
-    out = dA[..., None, :] * later
-    return out.cumsum_(dim=-1).clamp_min_(_log_floor(dA.dtype)).exp_()
+    floor = _log_floor(dA.dtype)
+    if dA.dtype == torch.float64:
+        later = torch.ones(q, q, dtype=dA.dtype, device=dA.device).triu(1)  # [s, l] = 1 where l > s
+        return (dA[..., None, :] * later).cumsum(dim=-1).clamp_min_(floor).exp_()
+    acum = dA.double().cumsum(dim=-1)
+    hi = acum.to(dA.dtype)
+    lo = (acum - hi.double()).to(dA.dtype)
+    out = hi[..., None, :] - hi[..., :, None]  # [s, l] = Acum[l] - Acum[s]
+    return out.add_(lo[..., None, :]).sub_(lo[..., :, None]).clamp_(floor, 0.0).exp_()
 
 
 class _DiagonalBlocks(torch.autograd.Function):
     """Y[l] = sum_{s<=l} scores[l, s] · exp(segsum(dA)[l, s]) · X[s] within each chunk, per head.
 
     Shapes: scores_t (..., G, 1, Q, Q), the scores transposed ([s, l] = C[l]·B[s]), zero where
-    l < s (masked by the caller); dA (..., G, R, Q); X (..., G, R, Q, P). Returns Y (..., G, R, Q, P).
+    l < s (masked by the caller); dA (..., G, R, Q); X = x·dt, given as x (B, c, Q, G, R, P) and
+    dt (B, c, Q, G, R). Returns Y (..., G, R, Q, P).
     Everything Q x Q is kept as [s, l] so that the per-head products read both operands
     contiguously (a broadcast transposed operand made that multiply 6x slower).
 
@@ -91,23 +107,73 @@ class _DiagonalBlocks(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, scores_t: torch.Tensor, dA: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-        decay_t = decay_transposed(dA)  # (..., G, R, Q, Q), [s, l]
+    def forward(ctx, scores_t: torch.Tensor, dA: torch.Tensor, x: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        # x (B, c, Q, G, R, P) and dt (B, c, Q, G, R) token-major: X = x·dt is written head-major
+        # in one pass (out= takes no autograd), instead of a product and then a transposing copy.
+        X = x.new_empty(*x.shape[:2], *x.shape[3:5], x.shape[2], x.shape[5])  # (B, c, G, R, Q, P)
+        torch.mul(x.permute(0, 1, 3, 4, 2, 5), dt.permute(0, 1, 3, 4, 2)[..., None], out=X)
+        decay_t = decay_transposed(dA)  # (B, c, G, R, Q, Q), [s, l]
         m_t = decay_t * scores_t  # Mᵀ; zero where l < s
         y = m_t.transpose(-1, -2) @ X
-        ctx.save_for_backward(decay_t, m_t, X, y)
+        ctx.save_for_backward(decay_t, m_t, X, y, x, dt)
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        decay_t, m_t, X, y = ctx.saved_tensors
+        decay_t, m_t, X, y, x, dt = ctx.saved_tensors
         dy = dy.contiguous()
         dX = m_t @ dy
-        dm_t = X @ dy.transpose(-1, -2)  # dMᵀ[s, l] = X[s]·dY[l]
+        # m_t is dead now; writing dMᵀ over it bumps its version, so a second backward through this
+        # graph (retain_graph) raises instead of reading garbage.
+        dm_t = torch.matmul(X, dy.transpose(-1, -2), out=m_t)  # dMᵀ[s, l] = X[s]·dY[l]
         dscores_t = dm_t.mul_(decay_t).sum(dim=-3, keepdim=True)
-        dAcum = (dy * y).sum(-1) - (X * dX).sum(-1)  # (..., G, R, Q)
+        # Row dots through einsum (a batched matmul) instead of mul + sum: no (..., Q, P) temporary.
+        dAcum = torch.einsum("...qp,...qp->...q", dy, y) - torch.einsum("...qp,...qp->...q", X, dX)
         ddA = dAcum.flip(-1).cumsum(-1).flip(-1)  # Acum[l] = Σ_{k<=l} dA[k]
-        return dscores_t, ddA, dX
+        dx = torch.empty_like(x)  # back to token-major in the same pass as the product
+        torch.mul(dX, dt.permute(0, 1, 3, 4, 2)[..., None], out=dx.permute(0, 1, 3, 4, 2, 5))
+        ddt = (dX * x.permute(0, 1, 3, 4, 2, 5)).sum(-1).permute(0, 1, 4, 2, 3)
+        return dscores_t, ddA, dx, ddt
+
+
+class _StatePassing(torch.autograd.Function):
+    """S[i+1] = w[i] · S[i] + st[i] over the chunks from S[0] = S_0; returns (S[0..c-1], S[c]).
+
+    Shapes: states (B, c, G, N, R, P), N-major as the output matmul reads them; decay w (B, c, G, R);
+    s0 (B, G, N, R, P) or None (zeros). A loop of c in-place multiply-adds on slices of one buffer,
+    with no autograd graph over it: the (c+1) x (c+1) matmul it replaced costs ~70x the flops, and
+    its cat, slice and layout copies cost more than the loop. Backward runs the recurrence in
+    reverse, G[i] = dS[i] + w[i] · G[i+1], then dw[i] = Σ G[i+1] · S[i] in one pass.
+    """
+
+    @staticmethod
+    def forward(ctx, states: torch.Tensor, decay: torch.Tensor, s0: Optional[torch.Tensor]):
+        batch, nchunks, groups, dstate, rep, hdim = states.shape
+        # Expanded over P: a stride-0 innermost dim left the multiply-adds 32-element inner loops.
+        w = decay[:, :, :, None, :, None].expand(batch, nchunks, groups, 1, rep, hdim).contiguous()
+        out = states.new_empty(batch, nchunks + 1, groups, dstate, rep, hdim)
+        if s0 is None:
+            out[:, 0].zero_()
+        else:
+            out[:, 0].copy_(s0)
+        for i in range(nchunks):
+            torch.addcmul(states[:, i], out[:, i], w[:, i], out=out[:, i + 1])
+        ctx.save_for_backward(out, w)
+        ctx.has_s0 = s0 is not None
+        return out[:, :-1], out[:, -1]
+
+    @staticmethod
+    def backward(ctx, d_entering: torch.Tensor, d_final: torch.Tensor):
+        out, w = ctx.saved_tensors
+        nchunks = out.shape[1] - 1
+        grad = torch.empty_like(out)  # grad[:, i] = dLoss/dS[i], through every later chunk
+        grad[:, -1].copy_(d_final)
+        for i in range(nchunks - 1, -1, -1):
+            torch.addcmul(d_entering[:, i], grad[:, i + 1], w[:, i], out=grad[:, i])
+        # Summed over N first (an outer, vectorised reduction), then P; an einsum here permuted
+        # both operands into copies.
+        d_decay = torch.mul(grad[:, 1:], out[:, :-1]).sum(3).sum(-1)
+        return grad[:, 1:], d_decay, grad[:, 0] if ctx.has_s0 else None
 
 
 def ssd_chunked(
@@ -148,14 +214,15 @@ def ssd_chunked(
     nchunks = (length + pad) // q
 
     xw, dtw = x.to(work), dt.to(work)
-    Xs = xw * dtw[..., None]  # dt-scaled input (B, L, H, P)
     dA = dtw * A.to(work)  # (B, L, H) log decays, <= 0
+    xp, dtp = xw, dtw
     Bw, Cw = B.to(work), C.to(work)
     seg = segment_index(doc_ids) if doc_ids is not None else None
     if pad:
         # Padding with dt = 0 means decay 1 and no input, so the final state is untouched;
         # the padded tail repeats the last id so it cannot trigger a reset.
-        Xs = F.pad(Xs, (0, 0, 0, 0, 0, pad))
+        xp = F.pad(xw, (0, 0, 0, 0, 0, pad))
+        dtp = F.pad(dtw, (0, 0, 0, pad))
         dA = F.pad(dA, (0, 0, 0, pad))
         Bw = F.pad(Bw, (0, 0, 0, 0, 0, pad))
         Cw = F.pad(Cw, (0, 0, 0, 0, 0, pad))
@@ -165,8 +232,10 @@ def ssd_chunked(
     # Two layouts: token-major (B, c, G, Q, R·P) for the state einsums, which then contract over
     # Q or N with all R heads of a group in one matmul (B and C are never copied per head), and
     # head-major (B, c, G, R, Q, P) for the diagonal blocks, whose decay differs per head.
-    Xtok = Xs.view(batch, nchunks, q, groups, rep * hdim).transpose(2, 3)  # (B, c, G, Q, R·P)
-    Xhead = Xs.view(batch, nchunks, q, groups, rep, hdim).permute(0, 1, 3, 4, 2, 5).contiguous()
+    # The dt scaling is folded into each path's first product: x·dt head-major inside the diagonal
+    # blocks, x·(dt·to_end) for the chunk states; x·dt itself is never stored token-major.
+    xtok = xp.view(batch, nchunks, q, groups, rep, hdim)  # (B, c, Q, G, R, P)
+    dttok = dtp.view(batch, nchunks, q, groups, rep)
     Bc = Bw.view(batch, nchunks, q, groups, dstate).transpose(2, 3)  # (B, c, G, Q, N)
     Cc = Cw.view(batch, nchunks, q, groups, dstate).transpose(2, 3)
     dAc = dA.view(batch, nchunks, q, groups, rep).permute(0, 1, 3, 4, 2).contiguous()  # (B, c, G, R, Q)
@@ -178,49 +247,43 @@ def ssd_chunked(
     if seg is not None:
         segc = seg.view(batch, nchunks, q)
         scores_t = scores_t * (segc[:, :, None, :, None] == segc[:, :, None, None, :]).to(work)  # mask 2
-    y_diag = _DiagonalBlocks.apply(scores_t.unsqueeze(3), dAc, Xhead)  # (B, c, G, R, Q, P)
+    y_diag = _DiagonalBlocks.apply(scores_t.unsqueeze(3), dAc, xtok, dttok)  # (B, c, G, R, Q, P)
 
-    # 2. State contributed by each chunk, measured at its last position.
+    # 2. State contributed by each chunk, measured at its last position, N-major: (B, c, G, N, R·P).
     to_end = exp_flushed(Acum[..., -1:] - Acum)  # (B, c, G, R, Q); exponent <= 0
     if seg is not None:
         to_end = to_end * (segc == segc[:, :, -1:]).to(work)[:, :, None, None]  # mask 3
-    scaled = Xtok.unflatten(-1, (rep, hdim)) * to_end.transpose(-1, -2)[..., None]  # (B, c, G, Q, R, P)
-    chunk_states = scaled.flatten(-2).transpose(-1, -2) @ Bc  # (B, c, G, R·P, N)
+    coef = dttok.transpose(2, 3) * to_end.transpose(-1, -2)  # (B, c, G, Q, R)
+    scaled = xtok.transpose(2, 3) * coef[..., None]  # (B, c, G, Q, R, P)
+    chunk_states = Bc.transpose(-1, -2) @ scaled.flatten(-2)  # (B, c, G, N, R·P)
 
-    # 3. State passing as one matmul per head: entering[i] = Σ_{j<=i} W[i, j] · S[j] over the
-    # stacked [S_0, chunk_states], W = exp(segsum(pad(chunk totals))) (spec §1.4 step 3).
-    totals = F.pad(Acum[..., -1].permute(0, 2, 3, 1), (1, 0))  # (B, G, R, c+1)
-    weights = exp_flushed(segsum(totals))  # (B, G, R, c+1, c+1); exp(-inf) = 0 above the diagonal
+    # 3. State passing (spec §1.4 step 3), S_end(c) = exp(total_c) · S_end(c-1) + st_c.
+    chunk_decay = exp_flushed(Acum[..., -1])  # (B, c, G, R)
     if seg is not None:
-        # Mask 4, folded into W: the state of chunk j-1 (or S_0 for j = 0) reaches chunk i only if
-        # no chunk j..i-1 starts from a reset, i.e. their count of resets is unchanged. Zeroing by
-        # a 0/1 factor keeps every exponent finite (no -inf - -inf).
+        # Mask 4: the carried state dies in a chunk that starts a new document before its end,
+        # i.e. whose last id differs from the id owning its entering state.
         end_ids = segc[:, :, -1]  # (B, c)
         prev_ids = torch.cat([seg[:, :1], end_ids[:, :-1]], dim=1)  # id owning the entering state
-        resets = F.pad((end_ids != prev_ids).long(), (1, 0)).cumsum(dim=1)  # (B, c+1)
-        weights = weights * (resets[:, :, None] == resets[:, None, :]).to(work)[:, None, None]
-    if initial_state is None:
-        s0 = Xs.new_zeros(batch, 1, groups, rep, hdim * dstate)
-    else:
-        s0 = initial_state.to(work).reshape(batch, 1, groups, rep, hdim * dstate)
-    stacked = torch.cat([s0, chunk_states.reshape(batch, nchunks, groups, rep, hdim * dstate)], dim=1)
-    passed = weights @ stacked.permute(0, 2, 3, 1, 4)  # (B, G, R, c+1, P·N)
-    final_state = passed[:, :, :, -1]
-    entering = passed[:, :, :, :-1].reshape(batch, groups, rep, nchunks, hdim, dstate)
+        chunk_decay = chunk_decay * (end_ids == prev_ids).to(work)[:, :, None, None]
+    s0 = None
+    if initial_state is not None:
+        s0 = initial_state.to(work).reshape(batch, groups, rep, hdim, dstate).permute(0, 1, 4, 2, 3).contiguous()
+    entering, final_state = _StatePassing.apply(
+        chunk_states.view(batch, nchunks, groups, dstate, rep, hdim),
+        chunk_decay, s0)  # (B, c, G, N, R, P), (B, G, N, R, P)
 
-    # 4. Entering state -> outputs, decayed to each position.
+    # 4. Entering state -> outputs, decayed to each position, plus the diagonal blocks.
     from_start = exp_flushed(Acum)  # (B, c, G, R, Q)
     if seg is not None:
         from_start = from_start * (segc == prev_ids[:, :, None]).to(work)[:, :, None, None]  # mask 5
-    entering = entering.permute(0, 3, 1, 5, 2, 4).reshape(batch, nchunks, groups, dstate, rep * hdim)
-    y_off = (Cc @ entering).view(batch, nchunks, groups, q, rep, hdim)
-    y_off = y_off * from_start.permute(0, 1, 2, 4, 3)[..., None]
-
-    y = (y_off + y_diag.transpose(3, 4)).transpose(2, 3)  # (B, c, Q, G, R, P)
-    y = y.reshape(batch, nchunks * q, heads, hdim)[:, :length]
+    y_off = (Cc @ entering.flatten(-2)).view(batch, nchunks, groups, q, rep, hdim)
+    # Token-major product first, then the head-major diagonal added in place: one fresh buffer,
+    # already in the (B, c, Q, G, R, P) order of the output when G = 1.
+    y = (y_off * from_start.transpose(-1, -2)[..., None]).add_(y_diag.transpose(3, 4))
+    y = y.transpose(2, 3).reshape(batch, nchunks * q, heads, hdim)[:, :length]
     if D is not None:
         y = y + D.to(work)[:, None] * xw
     y = y.to(x.dtype)
     if return_final_state:
-        return y, final_state.reshape(batch, heads, hdim, dstate)
+        return y, final_state.permute(0, 1, 3, 4, 2).reshape(batch, heads, hdim, dstate)
     return y

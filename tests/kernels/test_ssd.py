@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hybrid_lm.kernels.ssd import segsum, ssd_chunked, ssd_sequential
+from hybrid_lm.kernels.ssd.chunked import decay_transposed
 
 
 def make_inputs(batch=2, length=50, heads=4, hdim=3, groups=1, dstate=5, dtype=torch.float64, seed=0):
@@ -86,6 +87,22 @@ def test_segsum_is_stable_and_masked():
     torch.testing.assert_close(out[:, lower].double(), expected[:, lower], rtol=1e-5, atol=1e-3)
     assert (out.diagonal(dim1=-2, dim2=-1) == 0).all()
 
+
+
+def test_decay_transposed_fp32_keeps_segment_sums_after_a_large_prefix():
+    # A huge first decay makes every later prefix sum ~ -1e4, where fp32 spacing is ~1e-3: plain
+    # prefix differences would be off by ~5e-4 in the exponent; the fp32 path subtracts fp64
+    # prefix sums split into hi + lo parts, so only the segment's own rounding remains.
+    g = torch.Generator().manual_seed(0)
+    dA = -torch.rand(3, 64, generator=g, dtype=torch.float64) * 0.05
+    dA[:, 0] = -1e4
+    later = torch.ones(64, 64, dtype=torch.float64).triu(1)
+    exact = (dA[:, None, :] * later).cumsum(-1).exp()  # [s, l], the masked cumsum in fp64
+    out = decay_transposed(dA.float())
+    causal = torch.ones(64, 64, dtype=torch.bool).triu()  # s <= l
+    assert (out[:, ~causal] == 1).all()
+    torch.testing.assert_close(out[:, causal].double(), exact[:, causal], rtol=1e-6, atol=1e-28)
+    torch.testing.assert_close(decay_transposed(dA)[:, causal], exact[:, causal], rtol=1e-13, atol=0)
 
 def test_reference_gradcheck():
     x, dt, A, B, C, D, s0 = make_inputs(batch=1, length=5, heads=2, hdim=2, groups=1, dstate=2)
