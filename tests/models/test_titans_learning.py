@@ -44,9 +44,9 @@ def train_and_eval(swap_memory_out: bool) -> float:
     if swap_memory_out:
         model.blocks[0].layer = WindowAttentionLayer(SlidingWindowAttention(64, 4, t.window, t.n_persistent, t.rope_base))
         model.init_weights()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(1)
-    for _ in range(500):
+    for _ in range(1500):
         ids, labels = batch(gen, 32)
         loss = model(ids, labels=labels).loss
         opt.zero_grad()
@@ -63,7 +63,9 @@ def train_and_eval(swap_memory_out: bool) -> float:
 def test_memory_beats_sliding_window_on_recall() -> None:
     with_memory = train_and_eval(swap_memory_out=False)
     without = train_and_eval(swap_memory_out=True)
-    # chance is 1/16; the window cannot see any pair from the query half. Observed with this seed:
-    # 0.20 with memory vs 0.05 without after 500 steps (~30 s on one busy core).
+    # chance is 1/16; the window cannot see any pair from the query half. Observed after 1500
+    # steps: 0.44 with memory for this seed (0.98 with torch seed 1; 0.21 after 500 steps at
+    # lr 1e-2: recall is learnt late and abruptly, once the conv taps align keys with values),
+    # 0.05 without. The bar, 5x chance, leaves room for that seed-to-seed spread.
     assert without < 0.1, without
-    assert with_memory > without + 0.1, (with_memory, without)
+    assert with_memory > 0.3, (with_memory, without)
