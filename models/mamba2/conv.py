@@ -14,6 +14,64 @@ import torch
 from hybrid_lm.kernels.ssd.reference import segment_index
 
 
+class _ShiftedTaps(torch.autograd.Function):
+    """y[t] = sum_j w[:, j] * m_j[t] * xp[t + j] over the K taps, xp = [state; x], in place.
+
+    Written as a Function so that neither the (K-1+L, C) concatenation nor the per-tap shifted
+    slices of autograd (each of whose backward allocates and zero-fills a full-size buffer)
+    exist: forward and backward are K in-place multiply-adds on slices of x and of the gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, state, masks):  # type: ignore[no-untyped-def]
+        # x (B, L, C); weight (C, K); state (B, K-1, C), channels-last; masks (K-1, B, L, 1) or None
+        k, length = weight.size(1), x.size(1)
+        y = x * weight[:, k - 1]
+        for j in range(k - 1):
+            _accumulate(y, x, state, None if masks is None else masks[j], weight[:, j], k - 1 - j, j)
+        ctx.save_for_backward(x, weight, state, masks)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        x, weight, state, masks = ctx.saved_tensors
+        k, length = weight.size(1), x.size(1)
+        grad = grad.contiguous()
+        grad_x = grad * weight[:, k - 1]
+        grad_w = torch.empty_like(weight)
+        grad_w[:, k - 1] = _dot_over_time(grad, x)
+        grad_state = torch.zeros_like(state)
+        for j in range(k - 1):
+            shift, mask = k - 1 - j, None if masks is None else masks[j]
+            g_taps = grad if mask is None else grad * mask  # the gradient each input receives via tap j
+            total = torch.zeros_like(weight[:, j])
+            if length > shift:
+                grad_x[:, : length - shift].addcmul_(g_taps[:, shift:], weight[:, j])
+                total += _dot_over_time(g_taps[:, shift:], x[:, : length - shift])
+            n = min(shift, length)
+            grad_state[:, j : j + n].addcmul_(g_taps[:, :n], weight[:, j])
+            total += _dot_over_time(g_taps[:, :n], state[:, j : j + n])
+            grad_w[:, j] = total
+        return grad_x, grad_w, grad_state, None
+
+
+def _dot_over_time(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over batch and time of a * b: (B, L, C) x2 -> (C,). einsum would run C tiny bmm's here."""
+    return (a * b).sum(dim=(0, 1))
+
+
+def _accumulate(y: torch.Tensor, x: torch.Tensor, state: torch.Tensor, mask: Optional[torch.Tensor],
+                w: torch.Tensor, shift: int, j: int) -> None:
+    """y[t] += w * m[t] * input(t - shift): from x for t >= shift, from state slot t + j before."""
+    length = x.size(1)
+    if length > shift:
+        src = x[:, : length - shift] if mask is None else x[:, : length - shift] * mask[:, shift:]
+        y[:, shift:].addcmul_(src, w)
+    n = min(shift, length)
+    src = state[:, j : j + n] if mask is None else state[:, j : j + n] * mask[:, :n]
+    y[:, :n].addcmul_(src, w)
+
+
 def causal_conv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -41,19 +99,14 @@ def causal_conv(
     k = weight.size(1)
     if state is None:
         state = x.new_zeros(batch, channels, k - 1)
-    xp = torch.cat([state.to(x.dtype).transpose(1, 2), x], dim=1)  # (B, K-1+L, C)
-    w = weight.to(x.dtype)
-    if doc_ids is None:
-        y = xp[:, k - 1:] * w[:, k - 1]
-        for tap in range(k - 1):
-            y = y + xp[:, tap:tap + length] * w[:, tap]
-    else:
+    masks = None
+    if doc_ids is not None:
+        # tap j at t reads input t - (K-1-j); it counts only inside t's document, and the carried
+        # state belongs to the row's first document
         seg = segment_index(doc_ids)
-        segp = torch.cat([seg[:, :1].expand(batch, k - 1), seg], dim=1)  # state taps own the first segment
-        y = xp[:, k - 1:] * w[:, k - 1]
-        for tap in range(k - 1):
-            same = (segp[:, tap:tap + length] == seg).to(x.dtype)[:, :, None]
-            y = y + xp[:, tap:tap + length] * same * w[:, tap]
+        segp = torch.cat([seg[:, :1].expand(batch, k - 1), seg], dim=1)
+        masks = torch.stack([segp[:, j : j + length] == seg for j in range(k - 1)]).to(x.dtype)[..., None]
+    y = _ShiftedTaps.apply(x, weight.to(x.dtype), state.to(x.dtype).transpose(1, 2).contiguous(), masks)
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y, final_conv_state(x, state, doc_ids)
@@ -66,7 +119,8 @@ def final_conv_state(x: torch.Tensor, state: torch.Tensor, doc_ids: Optional[tor
     exactly its contribution, as the conv is linear in its inputs (the bias is added separately).
     """
     k1 = state.size(2)
-    xp = torch.cat([state.to(x.dtype), x.transpose(1, 2)], dim=2)
+    # only the last K-1 inputs matter: concatenating the whole call would copy (L, C) for nothing
+    xp = torch.cat([state.to(x.dtype), x[:, max(x.size(1) - k1, 0):].transpose(1, 2)], dim=2)
     tail = xp[:, :, xp.size(2) - k1:]
     if doc_ids is None:
         return tail
