@@ -25,7 +25,7 @@ class _ShiftedTaps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, state, masks):  # type: ignore[no-untyped-def]
         # x (B, L, C); weight (C, K); state (B, K-1, C), channels-last; masks (K-1, B, L, 1) or None
-        k, length = weight.size(1), x.size(1)
+        k = weight.size(1)
         y = x * weight[:, k - 1]
         for j in range(k - 1):
             _accumulate(y, x, state, None if masks is None else masks[j], weight[:, j], k - 1 - j, j)
