@@ -4,7 +4,8 @@ Run: ``python bench/bench_memory.py`` (add ``--quick`` for a smoke run).
 
 Reports, as medians of ``torch.utils.benchmark.Timer`` in one run (ratios, not absolute times,
 are what holds on shared CPUs; see /work/shared/PERFORMANCE.md):
-1. chunked kernel vs the per-token oracle at T = 512, 1024, 2048, outputs asserted equal;
+1. chunked kernel vs the per-token oracle at T = 512, 1024, 2048, outputs asserted equal; forward,
+   then forward + backward;
 2. chunked time and peak memory at T vs 2T (a linear layer stays near 2x). Peak memory is the
    growth of the resident high-water mark (VmHWM) over one forward call in a fresh subprocess
    per size after a warm-up (``peak_memory.py``); it sees torch's CPU allocations, which the
@@ -45,6 +46,15 @@ def median(stmt: str, env: dict, min_run: float) -> float:
     return Timer(stmt, globals=env, num_threads=1).blocked_autorange(min_run_time=min_run).median
 
 
+def fwd_bwd(fn, inputs: tuple) -> None:  # type: ignore[no-untyped-def]
+    """One forward + backward of a memory update with every learnt input requiring grad."""
+    w, s, _, k, v, gamma, q, theta, eta, alpha, valid, chunk = inputs
+    w = [t.detach().requires_grad_() for t in w]
+    k, v, q, theta, eta, alpha = (t.detach().requires_grad_() for t in (k, v, q, theta, eta, alpha))
+    y, w_end, _, _ = fn(w, s, w, k, v, gamma, q, theta, eta, alpha, valid, chunk, residual=True)
+    (y.square().sum() + sum(t.sum() for t in w_end)).backward()
+
+
 def peak_memory_child(length: int) -> None:
     """Subprocess body: print the VmHWM growth (bytes) of one chunked forward at ``length``."""
     torch.set_num_threads(1)
@@ -82,6 +92,16 @@ def main() -> None:
             tc = median("f(*a, residual=True)", env, min_run)
             ts = median("g(*a, residual=True)", env, min_run)
             print(f"| {length} | {tc * 1e3:.1f} | {ts * 1e3:.1f} | {ts / tc:.1f}x | {err:.1e} |")
+    print("\n## the same, forward + backward (what training pays; grads of keys, values, queries, gates, W_0)")
+    print("| T | chunked ms | oracle ms | speed-up |")
+    print("|---|---|---|---|")
+    for length in lengths:
+        a = kernel_inputs(length)
+        env = {"f": fwd_bwd, "c": chunked_memory_update, "g": sequential_memory_update, "a": a}
+        tc = median("f(c, a)", env, min_run)
+        ts = median("f(g, a)", env, min_run)
+        print(f"| {length} | {tc * 1e3:.1f} | {ts * 1e3:.1f} | {ts / tc:.1f}x |")
+    with torch.no_grad():
         print("\n## scaling of the chunked kernel: T vs 2T (memory: VmHWM growth in a subprocess)")
         print("| T | time ratio 2T/T | peak MiB at T | peak MiB at 2T | peak-memory ratio 2T/T |")
         print("|---|---|---|---|---|")
