@@ -17,7 +17,6 @@ persistent keys as an always-visible prefix, so memory stays O(T * window) at lo
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -120,7 +119,10 @@ class SlidingWindowAttention(nn.Module):
         }
         return y, new_state
 
-    def _dense(self, q, keys, vals, kdocs, kvalid, docs, pers):  # type: ignore[no-untyped-def]
+    def _dense(
+        self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, kdocs: torch.Tensor, kvalid: torch.Tensor,
+        docs: torch.Tensor, pers: Optional[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
         """One SDPA call with an explicit (T, c + T) mask: cheapest for short calls and decoding."""
         seq_len, c = q.size(2), keys.size(2) - q.size(2)
         qi = torch.arange(seq_len, device=q.device)[:, None] + c  # query index in key coordinates
@@ -132,7 +134,10 @@ class SlidingWindowAttention(nn.Module):
             mask = torch.cat([mask.new_ones(mask.size(0), seq_len, pers[0].size(2)), mask], dim=2)
         return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask[:, None])
 
-    def _blocked(self, q, keys, vals, kdocs, kvalid, pers):  # type: ignore[no-untyped-def]
+    def _blocked(
+        self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, kdocs: torch.Tensor, kvalid: torch.Tensor,
+        pers: Optional[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
         """Long calls block by block (O(T * window) memory, not a (T, c + T) mask and score matrix).
 
         The c cached keys become positions -c..-1 of one sequence with dummy queries (dropped);

@@ -114,7 +114,7 @@ def test_stack_trains_and_generates(pattern: str) -> None:
 def test_window_attention_blocked_equals_dense(window: int, n_persistent: int) -> None:
     """The O(T * window) block path of long calls equals one SDPA call with the full mask, with a
     partly valid cache carried in, two documents in a row and persistent keys."""
-    from hybrid_lm.models.titans.attention import SlidingWindowAttention, doc_positions, rope
+    from hybrid_lm.models.titans.attention import SlidingWindowAttention
 
     torch.manual_seed(0)
     attn = SlidingWindowAttention(16, 2, window, n_persistent, 1e4).to(DT)
