@@ -62,7 +62,10 @@ def test_multinode_two_nodes_on_loopback(tmp_path):
 @pytest.mark.distributed
 def test_multinode_restarts_the_job_after_a_rank_fails(tmp_path):
     seen = run_two_nodes(tmp_path, "--fail-once", max_restarts=1)
-    assert [s["restart"] for s in seen] == [1, 1]
+    # Only the failed node's agent counts the restart; the healthy one re-forms on the membership
+    # change and may keep its count at 0 (torchelastic's rule), so the count is checked per job.
+    assert max(s["restart"] for s in seen) == 1
+    assert all(s["after_failure"] for s in seen)
     assert [s["sum"] for s in seen] == [3.0, 3.0] and [s["world"] for s in seen] == [2, 2]
 
 
@@ -73,4 +76,4 @@ def test_torchrun_script_two_processes_with_a_restart(tmp_path):
     assert result.returncode == 0, result.stderr
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [s["sum"] for s in seen] == [3.0, 3.0] and [s["world"] for s in seen] == [2, 2]
-    assert [s["restart"] for s in seen] == [1, 1]
+    assert [s["restart"] for s in seen] == [1, 1] and all(s["after_failure"] for s in seen)
