@@ -4,5 +4,21 @@ The source folders at the repository root install as subpackages of this one:
 ``hybrid_lm.models``, ``hybrid_lm.kernels``, ``hybrid_lm.data``, ``hybrid_lm.train``,
 ``hybrid_lm.launch`` and ``hybrid_lm.export``.
 """
+import os
+import sys
 
 __version__ = "0.1.0"
+
+
+def _drop_checkout_root_from_path() -> None:
+    """The checkout's root is never an import root of this project (its folders install as
+    ``hybrid_lm.*``), but ``python -m``/``-c`` run from it put it first on ``sys.path``, where the
+    bare folders shadow installed packages of the same name: transformers imports the ``kernels``
+    package from the Hub and would get ``kernels/`` of this checkout instead."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "setup.py")):
+        return  # an installed copy: site-packages is not a checkout
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+
+
+_drop_checkout_root_from_path()
