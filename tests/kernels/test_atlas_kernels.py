@@ -10,7 +10,7 @@ from hybrid_lm.kernels.titans.memory_mlp import memory_dims
 from hybrid_lm.kernels.titans.reference import sequential_memory_update
 from hybrid_lm.models.titans.features import PolynomialFeatures
 
-from tests.kernels.test_titans_kernels import make_inputs
+from test_titans_kernels import make_inputs
 
 
 @pytest.mark.parametrize("window", [1, 2, 4], ids=lambda c: f"c{c}")
