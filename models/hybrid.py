@@ -76,7 +76,14 @@ class HybridLM(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Generic init (normal(0, init_std) for matmuls and embeddings, zero biases), the
-        GPT-2/mamba_ssm rescale of residual output projections, then each layer's own init."""
+        GPT-2/mamba_ssm rescale of residual output projections by 1/sqrt(n_blocks), then each
+        layer's own init (Mamba-2: A_log, dt_bias, D, conv).
+
+        One normal init for every matmul is the convention of Megatron's hybrid models and
+        NemotronH, so attention and Mamba-2 layers start on the same scale. It is a choice, not
+        mamba_ssm's recipe: mamba_ssm keeps PyTorch's Kaiming-uniform for the Mamba linears
+        (std 1/sqrt(3 fan_in), 0.036 at width 256) and re-draws out_proj the same way before the
+        rescale (spec 01 section 1.5)."""
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, nn.Linear):
