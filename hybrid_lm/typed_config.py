@@ -168,10 +168,15 @@ def load_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist")
     text = path.read_text()
     if path.suffix == ".toml":
-        try:
+        import sys
+
+        if sys.version_info >= (3, 11):
             import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib  # type: ignore[no-redef]
+        else:  # tomllib is 3.11+; pyproject.toml installs tomli on 3.10 for this
+            try:
+                import tomli as tomllib  # type: ignore[no-redef]
+            except ModuleNotFoundError as exc:
+                raise ConfigError(f"config file {path}: TOML on Python < 3.11 needs tomli (pip install 'tomli>=2')") from exc
         data = tomllib.loads(text)
     elif path.suffix == ".json":
         data = json.loads(text)

@@ -1,6 +1,6 @@
 """``hybrid-lm run [CONFIG] [overrides]``: the main job, end to end on one machine.
 
-    hybrid-lm run                                  # configs/tiny.yaml, CPU, about 10 minutes on 2 cores
+    hybrid-lm run                                  # configs/tiny.yaml, CPU, about 1.5-2 minutes on 2 cores
     hybrid-lm run configs/debug.yaml train.steps=20
 
 1. builds byte-level shards from the embedded stdlib corpus into ``artifacts/data/`` (skipped when

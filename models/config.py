@@ -43,12 +43,14 @@ class AttentionConfig:
     bias: bool = False
     """bias on the q/k/v/o projections"""
     backend: Literal["auto", "sdpa", "flash"] = "auto"
-    """auto uses flash-attn when installed and on CUDA, else PyTorch scaled_dot_product_attention"""
+    """auto uses flash-attn when installed and on CUDA, else PyTorch scaled_dot_product_attention;
+    flash insists: the forward raises when flash-attn is missing or the input is not CUDA fp16/bf16"""
 
 
 @dataclass
 class Mamba2Config:
-    """Mamba-2 mixer; defaults follow mamba_ssm's Mamba2 except d_state (128 there)."""
+    """Mamba-2 mixer; defaults follow mamba_ssm's Mamba2 except d_state (128 there), headdim (64
+    there) and chunk_size (256 there)."""
 
     d_state: int = 64
     d_conv: int = 4

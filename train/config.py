@@ -6,7 +6,8 @@ Each section is the config of the component that consumes it (``model`` -> Hybri
 the loader, ``optim`` -> AdamW, ``schedule`` -> the LR function, ``parallel`` -> DeepSpeed,
 ``checkpoint``, ``logging``, ``eval``, ``train`` -> this loop); components receive only their own
 section. ``load_job_config`` validates everything (unknown keys, wrong types, impossible model
-shapes) in the launching process, so a typo fails before any worker starts, naming the key.
+shapes, eval hook names after importing ``eval.plugins``) in the launching process, so a typo fails
+before any worker starts, naming the key.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Optional, Sequence
 from hybrid_lm.data.config import DataConfig
 from hybrid_lm.models.config import ModelConfig
 from hybrid_lm.train.checkpoint.manager import CheckpointConfig
-from hybrid_lm.train.evaluation import EvalConfig
+from hybrid_lm.train.evaluation import EvalConfig, resolve_hooks
 from hybrid_lm.train.optim import OptimConfig
 from hybrid_lm.train.parallelize import ParallelConfig
 from hybrid_lm.train.schedules import ScheduleConfig
@@ -50,7 +51,8 @@ class TrainConfig:
     spike_window: int = 128
     """finite step losses the spike guard compares against"""
     eval_at_start: bool = True
-    """run the eval hooks once before the first step of a fresh run (the 'before' number)"""
+    """run the eval hooks once before the first step of a fresh run (the 'before' number), whatever
+    ``eval.every`` is"""
     debug_nan_steps: list[int] = field(default_factory=list)
     """testing aid: the loss of these steps is replaced by NaN to exercise the skip path"""
 
@@ -92,7 +94,9 @@ def job_config_from_dict(data: dict) -> JobConfig:
 
 def load_job_config(path: str | Path, overrides: Sequence[str] = ()) -> JobConfig:
     """Read ``path`` (YAML/TOML/JSON), apply ``key.sub=value`` overrides, validate; ConfigError names the key."""
-    return job_config_from_dict(apply_overrides(load_file(path), overrides))
+    cfg = job_config_from_dict(apply_overrides(load_file(path), overrides))
+    resolve_hooks(cfg.eval)  # imports eval.plugins: a missing module or hook name fails in the launcher
+    return cfg
 
 
 def job_config_to_dict(cfg: JobConfig) -> dict:

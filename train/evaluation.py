@@ -2,11 +2,20 @@
 
     eval:
       every: 100
-      hooks: [val_loss, position_loss, passkey]
+      hooks: [val_loss, position_loss, passkey, my_recall]
+      plugins: [my_evals]          # a module of yours whose @register_eval_hook("my_recall") runs on import
+
+When they run (train/loop.py): after the last step (``train.steps``) always, whether or not it is
+a multiple of ``every``; every ``every`` steps when ``every > 0``; before the first step of a fresh
+run when ``train.eval_at_start``. So ``every: 0`` means the final eval only (plus the start one).
+``hooks: []`` turns evaluation off. A run stopped early (``train.stop_at``, SIGTERM) has not ended
+and gets no final eval; the run that resumes it to ``train.steps`` does.
 
 A hook is a function ``(model, ctx, cfg) -> dict[str, float]`` registered by name with
 ``@register_eval_hook("name")``; later evals (associative recall, ...) plug in the same way and are
-selected by name from the config. Built in:
+selected by name from the config. Hooks outside this package are found through ``eval.plugins``:
+module names imported (from ``sys.path``; set PYTHONPATH for a module next to your config) before
+the names in ``hooks`` are looked up. Built in:
 
 * ``val_loss``: token-weighted mean cross-entropy over labels != -100 on the validation split
   (``val_loss``) and its perplexity (``val_ppl``).
@@ -22,10 +31,11 @@ every score is a ratio of global sums (token weighting survives ranks with unequ
 """
 from __future__ import annotations
 
+import importlib
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +50,13 @@ Hook = Callable[[nn.Module, "EvalContext", "EvalConfig"], dict[str, float]]
 @dataclass
 class EvalConfig:
     every: int = 0
-    """run the hooks every N optimizer steps (0: only when training ends)"""
+    """also run the hooks every N optimizer steps; they always run once when training ends
+    (after ``train.steps``), so 0 means only then (and at the start with ``train.eval_at_start``)"""
     hooks: list[str] = field(default_factory=lambda: ["val_loss", "position_loss"])
-    """names of registered eval hooks to run, in order"""
+    """names of registered eval hooks to run, in order ([] turns evaluation off)"""
+    plugins: list[str] = field(default_factory=list)
+    """modules to import before ``hooks`` are looked up, so that their ``@register_eval_hook``
+    calls run (``[my_evals]``: your own hooks without editing hybrid-lm; found on ``sys.path``)"""
     max_batches: Optional[int] = None
     """validation batches per rank per evaluation (None: the whole split)"""
     position_buckets: int = 8
@@ -97,18 +111,37 @@ def eval_hooks() -> dict[str, Hook]:
     return dict(_HOOKS)
 
 
-def run_evals(model: nn.Module, cfg: EvalConfig, ctx: EvalContext) -> dict[str, float]:
-    """Run every hook named in ``cfg.hooks`` in eval mode without gradients; restores the train mode."""
+def import_plugins(modules: Sequence[str]) -> None:
+    """Import each of ``modules`` (``eval.plugins``) so the hooks they register become known."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # a broken plugin must name itself at start-up, not fail as a bare traceback
+            raise ConfigError(f"eval.plugins: cannot import {name!r} ({type(exc).__name__}: {exc}); plugins are "
+                              f"module names importable from sys.path (add their folder to PYTHONPATH)") from exc
+
+
+def resolve_hooks(cfg: EvalConfig) -> list[tuple[str, Hook]]:
+    """The hooks named in ``cfg.hooks``, in order, after importing ``cfg.plugins``; ConfigError
+    names an unknown hook and lists the known ones. Cheap to repeat (imports are cached)."""
+    import_plugins(cfg.plugins)
     unknown = [h for h in cfg.hooks if h not in _HOOKS]
     if unknown:
-        raise ConfigError(f"eval.hooks: unknown hook {unknown[0]!r} (known: {', '.join(sorted(_HOOKS))})")
+        hint = "" if cfg.plugins else "; a hook of your own needs its module in eval.plugins"
+        raise ConfigError(f"eval.hooks: unknown hook {unknown[0]!r} (known: {', '.join(sorted(_HOOKS))}){hint}")
+    return [(name, _HOOKS[name]) for name in cfg.hooks]
+
+
+def run_evals(model: nn.Module, cfg: EvalConfig, ctx: EvalContext) -> dict[str, float]:
+    """Run every hook named in ``cfg.hooks`` in eval mode without gradients; restores the train mode."""
+    hooks = resolve_hooks(cfg)
     was_training = model.training
     model.eval()
     scores: dict[str, float] = {}
     try:
         with torch.no_grad():
-            for name in cfg.hooks:
-                scores.update(_HOOKS[name](model, ctx, cfg))
+            for _, hook in hooks:
+                scores.update(hook(model, ctx, cfg))
     finally:
         model.train(was_training)
     return scores

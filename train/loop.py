@@ -9,6 +9,11 @@ One optimizer step = ``parallel.gradient_accumulation`` micro-batches per rank, 
 all-reduce of (loss sum, non-finite count, tokens, stop flag) that lets every rank take the same
 decision: skip the update (NaN anywhere), log, checkpoint, stop (SIGTERM anywhere). Everything
 else (DeepSpeed wrapping, checkpoint layout, faults, evaluation, metrics) lives in its own module.
+
+Evals (``eval.hooks``, none when empty): before the first step of a fresh run with
+``train.eval_at_start``, after every ``eval.every``-th step when ``every > 0``, and once after the
+last step whatever ``every`` is (that one runs after the final checkpoint is saved, so a failing
+eval cannot cost the run its weights). A run stopped early gets no final eval.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from hybrid_lm.train.build import LoaderFactory, build_model, check_tokenizer_fi
 from hybrid_lm.train.checkpoint import manager
 from hybrid_lm.train.checkpoint.state import TrainerState
 from hybrid_lm.train.config import JobConfig, job_config_to_dict
-from hybrid_lm.train.evaluation import EvalContext, run_evals
+from hybrid_lm.train.evaluation import EvalConfig, EvalContext, resolve_hooks, run_evals
 from hybrid_lm.train.faults import NanGuard, SpikeGuard, StopSignal
 from hybrid_lm.train.metrics import MetricsLogger, TrainProgress, mfu, peak_flops
 from hybrid_lm.train.optim import build_optimizer, set_lr
@@ -77,7 +82,12 @@ def _train_step(engine, optimizer, batches, state: TrainerState, guard: NanGuard
     return mean_loss, int(g_tokens), g_stop > 0
 
 
+def _periodic_eval_due(cfg: EvalConfig, step: int) -> bool:
+    return bool(cfg.hooks) and cfg.every > 0 and step % cfg.every == 0
+
+
 def train(cfg: JobConfig, *, make_loader: Optional[LoaderFactory] = None) -> TrainResult:
+    resolve_hooks(cfg.eval)  # an unknown hook or a broken plugin fails now, not after the first eval interval
     info = D.init_distributed(cfg.parallel.timeout_s)
     make_loader = make_loader or default_loader_factory(cfg.data)
     run_dir, ckpt_root, tok = Path(cfg.train.run_dir), cfg.checkpoint_dir, tokenizer_file(cfg.data)
@@ -121,7 +131,7 @@ def train(cfg: JobConfig, *, make_loader: Optional[LoaderFactory] = None) -> Tra
 
     if rng is not None:
         manager.apply_rng(rng)  # last: nothing built above may shift the restored streams
-    elif cfg.train.eval_at_start and cfg.eval.every > 0:
+    elif cfg.train.eval_at_start and cfg.eval.hooks:
         evaluate()
     engine.train()
     batches = iter(loader)
@@ -154,11 +164,13 @@ def train(cfg: JobConfig, *, make_loader: Optional[LoaderFactory] = None) -> Tra
                 logger.log(state.step, metrics)
                 progress.update(state.step, loss=window_loss, tokens_per_s=tps, lr=lr, mfu=util)
                 window_start, window_tokens, window_losses = time.perf_counter(), 0, []
-            if cfg.eval.every > 0 and (state.step % cfg.eval.every == 0 or done):
+            if _periodic_eval_due(cfg.eval, state.step) and not done:
                 evaluate()
             every = cfg.checkpoint.every
             if stop_requested or done or (every > 0 and state.step % every == 0):
                 checkpoint()
+            if done and cfg.eval.hooks:
+                evaluate()
             if stop_requested:
                 result.stopped_by_signal = True
                 if info.is_main:

@@ -3,8 +3,14 @@
 Used only for the cache-free training call in fp16/bf16; everything else (KV-cache continuation,
 fp32, CPU) goes through PyTorch SDPA in ``layer.py``. Packed documents become
 ``flash_attn_varlen_func`` sequences via cumulative lengths; a sliding window of W tokens is
-flash-attn's ``window_size=(W - 1, 0)``. Not exercised by the CPU test suite: it must agree with
-SDPA within bf16 tolerance, which the GPU benchmark checks when a device is available.
+flash-attn's ``window_size=(W - 1, 0)``. The kernel call is not exercised by the CPU test suite
+(the backend choice is): it must agree with SDPA within bf16 tolerance, which the GPU benchmark
+checks when a device is available.
+
+``backend="auto"`` falls back to SDPA quietly; ``"flash"`` insists, as ``mamba2.backend="mamba_ssm"``
+does: without flash-attn installed, or on CPU/fp32 activations, the forward raises instead of
+training on another kernel than the one asked for. With flash-attn installed, KV-cache
+continuation (decoding) uses SDPA by design under either setting.
 """
 from __future__ import annotations
 
@@ -22,12 +28,20 @@ except ImportError:  # pragma: no cover
 
 
 def flash_usable(q: torch.Tensor, backend: str, has_cache: bool) -> bool:
-    """Whether the flash path applies: installed, CUDA half-precision input, no KV cache."""
-    if backend == "sdpa" or not HAVE_FLASH or has_cache:
+    """Whether the flash path applies: installed, CUDA half-precision input, no KV cache.
+
+    Raises for ``backend="flash"`` when flash-attn is missing or the input does not suit it."""
+    if backend == "sdpa":
+        return False
+    if backend == "flash" and not HAVE_FLASH:
+        raise RuntimeError("attention.backend='flash' but flash-attn is not installed (pip install "
+                           "'hybrid-lm[gpu]' or flash-attn>=2.5); use backend 'auto' to fall back to PyTorch SDPA")
+    if not HAVE_FLASH or has_cache:
         return False
     ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
     if backend == "flash" and not ok:
-        raise RuntimeError("attention.backend='flash' needs flash-attn, CUDA and fp16/bf16 activations")
+        raise RuntimeError(f"attention.backend='flash' needs CUDA fp16/bf16 activations, got {q.dtype} on "
+                           f"{q.device.type}; use backend 'auto' to fall back to PyTorch SDPA")
     return ok
 
 

@@ -1,8 +1,8 @@
-"""Attention layer: KV-cache continuation, decode == forward, windows, packed documents, RoPE."""
+"""Attention layer: KV-cache continuation, decode == forward, windows, packed documents, RoPE, backend choice."""
 import pytest
 import torch
 
-from hybrid_lm.models.attention import Attention
+from hybrid_lm.models.attention import Attention, flash
 from hybrid_lm.models.attention.rope import apply_rope, rope_cos_sin
 
 CASES = {"mha": dict(n_heads=4), "gqa": dict(n_heads=4, n_kv_heads=2), "gqa-window5": dict(n_heads=4, n_kv_heads=1, window=5),
@@ -126,3 +126,41 @@ def test_parameter_names_and_residual_mark():
     layer = Attention(32, n_heads=4, n_kv_heads=2)
     assert {n for n, _ in layer.named_parameters()} == {f"{p}_proj.weight" for p in "qkvo"}
     assert layer.o_proj.weight._is_residual_projection
+
+
+def _outputs(backend):
+    torch.manual_seed(0)
+    layer = Attention(32, n_heads=4, backend=backend)
+    x = torch.randn(2, 6, 32)
+    return layer, x
+
+
+@pytest.mark.skipif(flash.HAVE_FLASH, reason="checks the behaviour without flash-attn installed")
+def test_explicit_flash_backend_without_flash_attn_fails_loudly():
+    layer, x = _outputs("flash")
+    with pytest.raises(RuntimeError, match=r"attention.backend='flash' but flash-attn is not installed.*'auto'"):
+        layer(x)
+    with pytest.raises(RuntimeError, match="flash-attn is not installed"):  # decoding too: no silent SDPA
+        layer.step(x[:, 0], layer.init_state(2, device=x.device, dtype=x.dtype))
+    from hybrid_lm.models import HybridLM
+    from hybrid_lm.models.config import ModelConfig
+    from hybrid_lm.typed_config import from_dict
+
+    model = HybridLM(from_dict(ModelConfig, {"d_model": 32, "layer_pattern": "A-", "attention": {"backend": "flash"}}))
+    with pytest.raises(RuntimeError, match="flash-attn is not installed"):
+        model(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_auto_backend_falls_back_to_sdpa_on_cpu(monkeypatch):
+    for have_flash in (False, True):  # installed or not, CPU fp32 input takes the SDPA path
+        monkeypatch.setattr(flash, "HAVE_FLASH", have_flash)
+        auto, x = _outputs("auto")
+        sdpa, _ = _outputs("sdpa")
+        assert torch.equal(auto(x)[0], sdpa(x)[0])
+
+
+def test_explicit_flash_backend_on_cpu_fp32_fails_even_when_installed(monkeypatch):
+    monkeypatch.setattr(flash, "HAVE_FLASH", True)
+    layer, x = _outputs("flash")
+    with pytest.raises(RuntimeError, match=r"needs CUDA fp16/bf16 activations, got torch.float32 on cpu"):
+        layer(x)

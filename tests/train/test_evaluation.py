@@ -155,3 +155,170 @@ def test_passkey_needs_a_byte_level_vocab():
     with pytest.raises(ConfigError, match="vocab is 100"):
         run_evals(HybridLM(ModelConfig(vocab_size=100, d_model=32, layer_pattern="--")),
                   EvalConfig(hooks=["passkey"]), ctx_for([]))
+
+
+# --- eval.plugins: hooks from the user's own modules -------------------------------------------
+
+import json  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+from hybrid_lm.train import evaluation  # noqa: E402
+
+PLUGIN = '''
+from hybrid_lm.train.evaluation import register_eval_hook
+
+@register_eval_hook("{hook}")
+def my_hook(model, ctx, cfg):
+    return {{"{hook}/step": float(ctx.step), "{hook}/params": float(sum(p.numel() for p in model.parameters()))}}
+'''
+
+
+PLUGIN_MODULES = ("user_evals_a", "user_evals_b", "user_evals_c", "user_evals_d", "broken_evals")
+
+
+@pytest.fixture
+def plugin_dir(tmp_path, monkeypatch):
+    """tmp_path on sys.path; the hook registry and the plugins' sys.modules entries are restored
+    afterwards, so a plugin registered here is unknown to every other test."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(evaluation, "_HOOKS", dict(evaluation._HOOKS))
+    yield tmp_path
+    for name in PLUGIN_MODULES:
+        sys.modules.pop(name, None)
+
+
+def write_plugin(folder, module, hook, body=PLUGIN):
+    assert module in PLUGIN_MODULES  # so the fixture unloads it
+    (folder / f"{module}.py").write_text(textwrap.dedent(body.format(hook=hook)))
+
+
+def test_a_plugin_module_registers_its_hook_before_lookup(plugin_dir):
+    write_plugin(plugin_dir, "user_evals_a", "user_probe")
+    assert "user_probe" not in eval_hooks()
+    model = tiny_model()
+    cfg = from_dict(EvalConfig, {"hooks": ["val_loss", "user_probe"], "plugins": ["user_evals_a"]})
+    scores = run_evals(model, cfg, ctx_for(batches(n=1), step=4))
+    assert scores["user_probe/step"] == 4.0
+    assert scores["user_probe/params"] == float(sum(p.numel() for p in model.parameters()))
+    assert "val_loss" in scores
+
+
+def test_a_missing_plugin_module_is_a_config_error_naming_it(plugin_dir):
+    with pytest.raises(ConfigError, match=r"eval.plugins: cannot import 'no_such_evals_mod' \(ModuleNotFoundError.*PYTHONPATH"):
+        run_evals(tiny_model(), EvalConfig(hooks=["val_loss"], plugins=["no_such_evals_mod"]), ctx_for([]))
+
+
+def test_a_plugin_that_fails_on_import_is_a_config_error_with_its_cause(plugin_dir):
+    (plugin_dir / "broken_evals.py").write_text("import missing_dependency_of_the_plugin\n")
+    with pytest.raises(ConfigError, match=r"'broken_evals'.*missing_dependency_of_the_plugin"):
+        run_evals(tiny_model(), EvalConfig(plugins=["broken_evals"]), ctx_for([]))
+
+
+def test_an_unknown_hook_despite_plugins_lists_the_known_names_including_the_plugins(plugin_dir):
+    write_plugin(plugin_dir, "user_evals_b", "user_probe_b")
+    with pytest.raises(ConfigError, match=r"unknown hook 'user_probe_typo' \(known: .*user_probe_b.*val_loss"):
+        run_evals(tiny_model(), EvalConfig(hooks=["user_probe_typo"], plugins=["user_evals_b"]), ctx_for([]))
+    with pytest.raises(ConfigError, match=r"needs its module in eval.plugins"):
+        run_evals(tiny_model(), EvalConfig(hooks=["user_probe_typo"]), ctx_for([]))
+
+
+def _job_yaml(folder, run_dir, **eval_section) -> str:
+    import yaml
+
+    import synthetic
+
+    job = synthetic.job_dict(run_dir, steps=2, eval=eval_section)
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return str(path)
+
+
+def test_hybrid_lm_train_validates_plugins_in_the_launcher(plugin_dir, capsys):
+    from hybrid_lm.cli import main
+
+    write_plugin(plugin_dir, "user_evals_c", "user_probe_c")
+    good = _job_yaml(plugin_dir, plugin_dir / "run", hooks=["user_probe_c"], plugins=["user_evals_c"])
+    assert main(["train", good, "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["eval"]["plugins"] == ["user_evals_c"]
+    assert main(["train", good, "eval.plugins=[no_such_evals_mod]", "--print-config"]) == 2
+    assert "config error: eval.plugins: cannot import 'no_such_evals_mod'" in capsys.readouterr().err
+    assert main(["train", good, "eval.hooks=[user_probe_typo]", "--print-config"]) == 2
+    assert re.search(r"unknown hook 'user_probe_typo' \(known: .*user_probe_c", capsys.readouterr().err)
+
+
+def test_training_runs_a_plugin_hook_from_the_config(plugin_dir):
+    import synthetic
+    from hybrid_lm.train.config import load_job_config
+    from hybrid_lm.train.loop import train
+
+    write_plugin(plugin_dir, "user_evals_d", "user_probe_d")
+    path = _job_yaml(plugin_dir, plugin_dir / "run", hooks=["user_probe_d"], plugins=["user_evals_d"])
+    cfg = load_job_config(path)
+    result = train(cfg, make_loader=synthetic.factory())
+    # every=0: the one eval after the last step, with the hook the plugin registered
+    assert result.evals == {2: {"user_probe_d/step": 2.0, "user_probe_d/params": float(HybridLM(cfg.model).num_params())}}
+
+
+# --- when the trainer evaluates: eval.every, the final eval, train.eval_at_start ----------------
+
+@pytest.fixture
+def counting_hook(monkeypatch):
+    """A hook 'count_calls' recording the step of every call (registry restored afterwards)."""
+    monkeypatch.setattr(evaluation, "_HOOKS", dict(evaluation._HOOKS))
+    calls = []
+
+    @register_eval_hook("count_calls")
+    def count(model, ctx, cfg):
+        calls.append(ctx.step)
+        return {"calls": float(len(calls))}
+
+    return calls
+
+
+def _train(run_dir, **sections):
+    import synthetic
+    from hybrid_lm.train.config import job_config_from_dict
+    from hybrid_lm.train.loop import train
+
+    return train(job_config_from_dict(synthetic.job_dict(run_dir, **sections)), make_loader=synthetic.factory())
+
+
+@pytest.mark.parametrize("every, steps, at_start, expected", [
+    (0, 3, False, [3]),            # 0: only when training ends
+    (0, 3, True, [0, 3]),          # ... plus the 'before' number
+    (2, 5, False, [2, 4, 5]),      # the last step is not a multiple: a final eval still runs
+    (2, 4, True, [0, 2, 4]),       # the last step is a multiple: evaluated once, not twice
+])
+def test_eval_schedule(tmp_path, counting_hook, every, steps, at_start, expected):
+    result = _train(tmp_path, steps=steps, eval={"every": every, "hooks": ["count_calls"]},
+                    train={"eval_at_start": at_start})
+    assert counting_hook == expected
+    assert sorted(result.evals) == expected
+
+
+def test_no_hooks_means_no_evals(tmp_path, counting_hook):
+    result = _train(tmp_path, steps=4, eval={"every": 2, "hooks": []}, train={"eval_at_start": True})
+    assert result.evals == {} and result.step == 4
+
+
+def test_a_stopped_run_has_not_ended_its_resume_gets_the_final_eval(tmp_path, counting_hook):
+    first = _train(tmp_path, steps=4, eval={"every": 0, "hooks": ["count_calls"]}, train={"stop_at": 2})
+    assert first.stopped_by_signal and first.evals == {}
+    second = _train(tmp_path, steps=4, eval={"every": 0, "hooks": ["count_calls"]})
+    assert sorted(second.evals) == [4] and counting_hook == [4]
+
+
+def test_a_failing_final_eval_keeps_the_final_checkpoint(tmp_path, monkeypatch):
+    from hybrid_lm.train.checkpoint import load_model_state
+
+    monkeypatch.setattr(evaluation, "_HOOKS", dict(evaluation._HOOKS))
+
+    @register_eval_hook("explodes")
+    def explodes(model, ctx, cfg):
+        raise RuntimeError("eval blew up")
+
+    with pytest.raises(RuntimeError, match="eval blew up"):
+        _train(tmp_path, steps=3, eval={"every": 0, "hooks": ["explodes"]})
+    assert load_model_state(tmp_path).step == 3
