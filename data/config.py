@@ -29,9 +29,11 @@ class DataConfig:
     verify_checksums: bool = False
     """check each shard's sha256 against the manifest when it is opened (costs one extra hash)"""
     expected_vocab_size: Optional[int] = None
-    """when set, start-up fails unless the manifest's vocab size matches (the model's vocab)"""
+    """pin: when set, start-up also fails unless the manifest's vocab size matches. Without it the
+    manifest is still checked against the tokenizer.json next to local shards"""
     tokenizer_fingerprint: Optional[str] = None
-    """when set, start-up fails unless the manifest's tokenizer sha256 matches"""
+    """pin: when set, start-up also fails unless the manifest's tokenizer sha256 matches (the only
+    tokenizer check for remote shards, whose tokenizer.json is not read)"""
 
     def validate(self) -> None:
         from hybrid_lm.data.errors import DataError

@@ -3,12 +3,13 @@
 Built around one idea: every reader's output is a pure function of (manifest, seed, epoch,
 reader id, cursor), so the loader owns the order instead of trusting torch or webdataset to.
 
-* Equal batches per rank. Each epoch every reader gets the same batch quota, computed from the
-  manifest alone: ``floor(min_r tokens_r / (B*T))`` for ``train`` (each reader drops its stream's
-  tail past the quota, at most B*T tokens plus the imbalance between readers; balanced by having
-  a multiple of ``world_size * max(1, num_workers)`` similar-sized shards) and
-  ``ceil(max_r tokens_r / (B*T))`` for ``val`` (nothing dropped; short readers pad with label
-  -100). So every rank yields ``quota * W`` batches per epoch and no collective can hang.
+* Equal batches per rank. Each epoch every reader reads a contiguous token range of the epoch's
+  shuffled stream (``source.reader_ranges``), computed from the manifest alone: for ``train`` the
+  ranges are ``Q = floor(N / (R*B*T)) * B*T`` tokens each, so the epoch drops only the stream's
+  last ``N mod (R*B*T)`` tokens (< one batch per reader, the least equal counts allow); for
+  ``val`` they cover the stream, each boundary moved back to a document start, and the quota is
+  ``ceil(max_r tokens_r / (B*T))`` (nothing dropped; short readers pad with label -100). So every
+  rank yields ``quota * W`` batches per epoch and no collective can hang.
 * Order across workers. Workers take turns strictly: batch i of the rank comes from logical
   worker ``(start + i) % W``. torch's DataLoader hands out iterable-dataset batches round-robin
   from worker 0, so on resume DataLoader worker k plays logical worker ``(k + start) % W``.
@@ -31,7 +32,7 @@ from hybrid_lm.data.config import DataConfig
 from hybrid_lm.data.errors import DataError
 from hybrid_lm.data.manifest import check_tokenizer, is_remote, load_manifest, split_shards
 from hybrid_lm.data.packing import pack_rows
-from hybrid_lm.data.source import TokenStream, plan_epoch
+from hybrid_lm.data.source import ReaderPlan, TokenStream, plan_epoch, reader_ranges
 from hybrid_lm.data.state import STATE_VERSION, Cursor, check_compatible
 
 Batch = dict[str, torch.Tensor]
@@ -59,18 +60,28 @@ class _Plan:
         self.workers = max(1, cfg.num_workers)
         self.readers = world_size * self.workers
         self.rows = cfg.micro_batch_size * cfg.seq_len
+        total = sum(int(s["tokens"]) for s in self.shards)
+        self.ranges = reader_ranges(total, self.readers, self.rows, drop_remainder=split == "train")
+        # val keeps documents whole: it pads anyway, and a cut would lose the target across it
+        self.whole_samples = split != "train"
         self._quota: dict[int, int] = {}
         if self.quota(0) == 0:
             need = self.readers * self.rows
-            raise DataError(f"{self.base}: split {split!r} has {manifest['splits'][split]['tokens']:,} tokens; one "
-                            f"batch for each of {self.readers} readers (world_size x workers) needs about {need:,}")
+            raise DataError(f"{self.base}: split {split!r} has {total:,} tokens; one batch for each of "
+                            f"{self.readers} readers (world_size x workers) needs {need:,}")
 
-    def quota(self, epoch: int) -> int:
+    def plans(self, epoch: int, readers: Optional[list[int]] = None) -> list[ReaderPlan]:
+        """The plans of global readers ``readers`` (default: all) for ``epoch``."""
+        ranges = [self.ranges[g] for g in (range(self.readers) if readers is None else readers)]
+        return plan_epoch(self.shards, self.cfg.seed, epoch, ranges, whole_samples=self.whole_samples)
+
+    def quota(self, epoch: int = 0) -> int:
         """Batches every reader yields in ``epoch``."""
+        if self.split == "train":  # equal ranges of whole batches: the same every epoch
+            return (self.ranges[0][1] - self.ranges[0][0]) // self.rows
         if epoch not in self._quota:
-            tokens = [p.tokens for p in plan_epoch(self.shards, self.cfg.seed, epoch, self.readers)]
-            q = min(tokens) // self.rows if self.split == "train" else math.ceil(max(tokens) / self.rows)
-            self._quota = {epoch: q}  # one epoch at a time: keeps the cache bounded
+            # snapped val ranges depend on the epoch's shuffle by up to a document
+            self._quota = {epoch: math.ceil(max(p.tokens for p in self.plans(epoch)) / self.rows)}
         return self._quota[epoch]
 
     def reader_batches(self, worker: int, cursor: Cursor) -> Iterator[tuple[Batch, Cursor]]:
@@ -84,7 +95,7 @@ class _Plan:
                     return
                 cur = cur.next_epoch()
                 continue
-            plan = plan_epoch(self.shards, cfg.seed, cur.epoch, self.readers)[g]
+            plan = self.plans(cur.epoch, [g])[0]
             stream = TokenStream(self.base, self.shards, plan, cur, seed=cfg.seed, dtype=self.dtype,
                                  verify=cfg.verify_checksums, policy=cfg.bad_shard_policy)
             while cur.batches < quota:
@@ -182,8 +193,9 @@ class ResumableLoader:
 def build_loader(cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1) -> ResumableLoader:
     """The loader of ``split`` ("train": endless epochs, "val": one pass) for one data-parallel rank.
 
-    Fails at once with ``DataError`` on a missing/invalid manifest, an empty split, or a
-    tokenizer that differs from ``cfg.expected_vocab_size`` / ``cfg.tokenizer_fingerprint``.
+    Fails at once with ``DataError`` on a missing/invalid manifest, an empty split, a local
+    ``tokenizer.json`` that is not the tokenizer the manifest records, or a tokenizer that differs
+    from the pins ``cfg.expected_vocab_size`` / ``cfg.tokenizer_fingerprint``.
     """
     if split not in ("train", "val"):
         raise DataError(f"split must be 'train' or 'val', got {split!r}")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hybrid_lm.data.errors import DataError
+from hybrid_lm.data.tokenizer import FILE_NAME as TOKENIZER_FILE, Tokenizer
 
 VERSION = 1
 FILE_NAME = "manifest.json"
@@ -84,7 +85,8 @@ def load_manifest(base: str) -> dict[str, Any]:
 
 def check_tokenizer(m: dict[str, Any], base: str, expected_vocab_size: Optional[int],
                     expected_fingerprint: Optional[str]) -> None:
-    """Fail when the shards were tokenized differently from what the config expects."""
+    """Fail when the shards' tokenizer is not the one training will use: the manifest's record must
+    match the ``tokenizer.json`` next to the shards (when local), and the config's pins when set."""
     tok = m["tokenizer"]
     url = join(base, FILE_NAME)
     if expected_vocab_size is not None and tok["vocab_size"] != expected_vocab_size:
@@ -93,6 +95,34 @@ def check_tokenizer(m: dict[str, Any], base: str, expected_vocab_size: Optional[
     if expected_fingerprint is not None and tok["fingerprint"] != expected_fingerprint:
         raise DataError(f"tokenizer mismatch: {url} says fingerprint={tok['fingerprint']} but the config expects "
                         f"tokenizer_fingerprint={expected_fingerprint}")
+    check_tokenizer_file(m, base)
+
+
+def check_tokenizer_file(m: dict[str, Any], base: str) -> None:
+    """The tokenizer file next to the shards must be the one the manifest says tokenized them.
+
+    That file is what training copies into checkpoints and exports, so a swapped one would ship a
+    model whose ids decode to the wrong text. Skipped for remote shards (every rank would fetch it
+    at start-up; pin ``data.tokenizer_fingerprint`` instead) and when the file is absent (nothing
+    ships it; ``hybrid-lm data inspect`` reports that).
+    """
+    if is_remote(base):
+        return
+    rec = m["tokenizer"]
+    path = Path(base) / rec.get("file", TOKENIZER_FILE)
+    if not path.is_file():
+        return
+    # the writer saves the canonical text whose sha256 is the fingerprint: an untouched file
+    # matches without parsing it
+    if sha256_file(path) == rec["fingerprint"]:
+        return
+    found = Tokenizer.load(path)
+    if found.fingerprint() == rec["fingerprint"]:
+        return  # the same tokenizer, only re-serialized
+    raise DataError(f"tokenizer mismatch: {join(base, FILE_NAME)} says the shards were tokenized with "
+                    f"fingerprint={rec['fingerprint']} vocab_size={rec['vocab_size']}, but {path} has "
+                    f"fingerprint={found.fingerprint()} vocab_size={found.vocab_size}; put back the tokenizer.json "
+                    f"the shards were built with, or rebuild the shards with this one")
 
 
 def split_shards(m: dict[str, Any], split: str, base: str) -> list[dict[str, Any]]:

@@ -13,7 +13,9 @@ from typing import Any
 
 from hybrid_lm.data.errors import DataError
 
-STATE_VERSION = 1
+# 2: a reader's stream is a token range of the epoch stream (version 1 dealt whole shards, so its
+# cursors address other streams and would silently resume at the wrong tokens)
+STATE_VERSION = 2
 
 
 @dataclass
@@ -22,9 +24,10 @@ class Cursor:
     shard_pos: int = 0
     """index into this reader's shard list for ``epoch``"""
     sample_pos: int = 0
-    """index into the shard's selected (shuffled, strided) samples"""
+    """index into the shard's selected samples (the slice of its shuffled order in this reader's range)"""
     token_pos: int = 0
-    """offset of the next token inside that sample (documents continue across batches)"""
+    """offset of the next token inside that selected sample, as trimmed at the range's ends
+    (documents continue across batches)"""
     batches: int = 0
     """batches this reader has produced in ``epoch`` (its quota is fixed per epoch)"""
     bad_shards: list[str] = field(default_factory=list)
@@ -49,7 +52,8 @@ class Cursor:
 def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """The settings that define the data order must match, or resuming would silently reshuffle."""
     if saved.get("version") != STATE_VERSION:
-        raise DataError(f"loader state version {saved.get('version')!r}, this loader reads {STATE_VERSION}")
+        raise DataError(f"loader state version {saved.get('version')!r}, this loader reads {STATE_VERSION}: the "
+                        f"reader streams differ between versions, so the saved position cannot be resumed exactly")
     for key in ("split", "seed", "rank", "world_size", "num_workers", "seq_len", "micro_batch_size"):
         if saved.get(key) != current[key]:
             raise DataError(f"loader state was saved with {key}={saved.get(key)!r}, this loader has "

@@ -41,13 +41,19 @@ def tokenizer_file(data_cfg: Any) -> Optional[Path]:
 
 
 def check_tokenizer_fits(model_cfg: ModelConfig, tokenizer: Optional[Path]) -> None:
-    """Token ids the shards can hold must be rows of the embedding (a larger model vocab is fine:
-    padding the vocab to a multiple of 64 is common)."""
+    """The tokenizer next to the shards must be the one their manifest records (``DataError``
+    naming both), and the token ids it can produce must be rows of the embedding (a larger model
+    vocab is fine: padding the vocab to a multiple of 64 is common). Runs before the model is
+    built, so a mismatch costs no start-up time."""
     if tokenizer is None:
         return
+    from hybrid_lm.data import manifest
     from hybrid_lm.data.tokenizer import Tokenizer
     from hybrid_lm.typed_config import ConfigError
 
+    if (tokenizer.parent / manifest.FILE_NAME).is_file():
+        base = str(tokenizer.parent)
+        manifest.check_tokenizer_file(manifest.load_manifest(base), base)
     vocab = Tokenizer.load(tokenizer).vocab_size
     if vocab > model_cfg.vocab_size:
         raise ConfigError(f"model.vocab_size: {model_cfg.vocab_size} is smaller than the tokenizer's {vocab} ids "

@@ -1,8 +1,34 @@
-"""Config of the ATLAS memory layers (Omega rule, polynomial features, Muon)."""
+"""Config of the ATLAS-family memory layers: ``X`` (ATLAS) and its own sub-section for ``D``
+(DeepTransformer), so that one stack can hold both with different settings."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+# spelled out rather than imported from models/titans/features.py: ModelConfig imports this
+# module, and the config layer stays free of torch and the layer packages
+PolyForm = Literal["tensor", "monomial"]
+
+
+@dataclass
+class DeepTransformerConfig:
+    """Layer ``D`` (spec 3.3): Hebbian (dot-product) bias ``-<M(phi(k)), v>``, a deep memory,
+    plain gradient steps, no forgetting; with a linear memory it is unnormalised kernel
+    attention ``y_t = W_0 phi(q_t) + sum_{i<=t} theta_i v_i phi(k_i).phi(q_t)``.
+    Heads, depth, chunk size and gate scales come from ``TitansConfig``."""
+
+    omega_window: int = 1
+    """c = 1 is the DeepTransformer; c > 1 sums the last c tokens' Hebbian terms per step (the
+    paper's sliding-window SWDT form; with no decay a token's term then enters c times)"""
+    poly_degree: int = 2
+    """degree of the polynomial map, the finite stand-in for the exponential map phi* whose
+    kernel is exp(q.k); 0 disables (plain linear-attention kernel q.k)"""
+    poly_form: PolyForm = "tensor"
+    """layout of the polynomial features (see ``AtlasConfig.poly_form``)"""
+    momentum: bool = False
+    """True adds Titans momentum (eta gate); the DeepTransformer has none"""
+    decay: bool = False
+    """True adds the forget gate alpha; the DeepTransformer (like softmax attention) never forgets"""
 
 
 @dataclass
@@ -13,8 +39,15 @@ class AtlasConfig:
     """c: the memory objective covers the last c tokens (1 = Titans online rule). The paper does
     not state its value; 4 is our default"""
     poly_degree: int = 2
-    """degree of the polynomial feature map of keys/queries (0 disables; paper value not stated)"""
+    """degree of the polynomial feature map of keys/queries (0 disables; paper value not stated).
+    The key size grows as d^p: see models/titans/README.md for the memory cost"""
+    poly_form: PolyForm = "tensor"
+    """"tensor": the paper's self-tensor powers, 1 + d + ... + d^p features of a head dim d;
+    "monomial": each distinct monomial once (sqrt-multinomial weights), C(d+p, p) features, the
+    same kernel phi(q).phi(k) at about 1/p! of the key size"""
     optimizer: Literal["muon", "momentum"] = "muon"
     """inner optimiser: Newton-Schulz-orthogonalised momentum (Muon) or plain momentum"""
     ns_steps: int = 5
     """Newton-Schulz iterations of the Muon step (5 in practice)"""
+    deep_transformer: DeepTransformerConfig = field(default_factory=DeepTransformerConfig)
+    """settings of layer ``D``; the fields above are layer ``X``'s only"""

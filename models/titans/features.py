@@ -1,26 +1,58 @@
 """Polynomial feature map of keys/queries (ATLAS, spec 3.3): more keys per memory dimension.
 
-Tensor-power form with learnable coefficients: ``phi(x) = [c_0, c_1 x, c_2 x (x) x, ..., c_p x^(x)p]``
-(dimension ``1 + d + ... + d^p``), initialised to ``c_i = sqrt(1/i!)`` so that
+Learnable coefficients ``c_i`` on the degree-i blocks, initialised to ``c_i = sqrt(1/i!)`` so that
 ``phi(q) . phi(k) = sum_i c_i^2 (q . k)^i`` starts as the degree-p Taylor series of ``exp(q . k)``.
+Two layouts of the degree-i block, both with that same kernel (spec 3.8.4):
+
+* ``"tensor"``: the self-tensor power ``x^(x)i`` (the paper's form), dimension ``d^i``; the
+  whole map has ``1 + d + ... + d^p`` features.
+* ``"monomial"``: each distinct monomial once, scaled by the square root of its multinomial
+  coefficient (e.g. ``sqrt(2) x_a x_b`` for a < b), dimension ``C(d+i-1, i)``; the whole map has
+  ``C(d+p, p)`` features, about ``1/p!`` of the tensor form for large d. The tensor form only
+  repeats these monomials, so a memory sees the same information at a fraction of the key size.
+
 The coefficients are shared across heads (our choice; the paper does not say).
 """
 from __future__ import annotations
 
+import itertools
 import math
+from collections import Counter
+from typing import Literal
 
 import torch
 from torch import nn
 
+PolyForm = Literal["tensor", "monomial"]
+
+
+def poly_feature_dim(dim: int, degree: int, form: PolyForm = "tensor") -> int:
+    """Number of features of ``PolynomialFeatures(dim, degree, form)``."""
+    if form == "tensor":
+        return sum(dim**i for i in range(degree + 1))
+    if form == "monomial":
+        return math.comb(dim + degree, degree)
+    raise ValueError(f"polynomial form must be 'tensor' or 'monomial', got {form!r}")
+
 
 class PolynomialFeatures(nn.Module):
-    def __init__(self, dim: int, degree: int) -> None:
+    def __init__(self, dim: int, degree: int, form: PolyForm = "tensor") -> None:
         super().__init__()
         if degree < 1:
             raise ValueError(f"polynomial degree must be >= 1, got {degree}")
-        self.dim, self.degree = dim, degree
+        self.dim, self.degree, self.form = dim, degree, form
         self.coeffs = nn.Parameter(torch.empty(degree + 1))
-        self.out_dim = sum(dim**i for i in range(degree + 1))
+        self.out_dim = poly_feature_dim(dim, degree, form)
+        if form == "monomial":
+            for i in range(2, degree + 1):
+                combos = list(itertools.combinations_with_replacement(range(dim), i))
+                # sqrt(multinomial): the number of orderings of each index tuple, so that the
+                # monomial block has the same dot product as the d^i-entry tensor power
+                mult = [math.factorial(i) // math.prod(math.factorial(n) for n in Counter(t).values()) for t in combos]
+                # not persistent: derived from (dim, degree), so checkpoints hold only coeffs;
+                # integers, so that the square root is taken in the input's precision
+                self.register_buffer(f"index{i}", torch.tensor(combos, dtype=torch.long), persistent=False)
+                self.register_buffer(f"mult{i}", torch.tensor(mult, dtype=torch.long), persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -28,11 +60,18 @@ class PolynomialFeatures(nn.Module):
         self.coeffs.copy_(torch.tensor([math.sqrt(1.0 / math.factorial(i)) for i in range(self.degree + 1)]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., d) -> (..., 1 + d + ... + d^p)."""
-        parts = [self.coeffs[0] * torch.ones_like(x[..., :1])]
+        """x (..., d) -> (..., out_dim)."""
+        parts = [self.coeffs[0] * torch.ones_like(x[..., :1]), self.coeffs[1] * x]
+        if self.form == "monomial":
+            for i in range(2, self.degree + 1):
+                index, mult = getattr(self, f"index{i}"), getattr(self, f"mult{i}")
+                mono = x[..., index[:, 0]]
+                for m in range(1, i):  # products of gathers: prod()'s backward divides by the factors
+                    mono = mono * x[..., index[:, m]]
+                parts.append(self.coeffs[i] * mult.to(x.dtype).sqrt() * mono)
+            return torch.cat(parts, dim=-1)
         power = x
-        for i in range(1, self.degree + 1):
+        for i in range(2, self.degree + 1):
+            power = (power[..., :, None] * x[..., None, :]).flatten(-2)
             parts.append(self.coeffs[i] * power)
-            if i < self.degree:
-                power = (power[..., :, None] * x[..., None, :]).flatten(-2)
         return torch.cat(parts, dim=-1)

@@ -5,14 +5,15 @@ Per head h and token t (spec 2.2, 2.6):
     q, k, v  = SiLU(causal depthwise conv_4(x W_{q,k,v}))     ; q, k l2-normalised per head
     q, k    <- phi_p(q), phi_p(k)                             ; ATLAS polynomial features (optional)
     theta_t  = theta_max * sigmoid(x_t w_theta + b_theta)     ; inner learning rate
-    eta_t    = sigmoid(x_t w_eta + b_eta)                     ; momentum
-    alpha_t  = sigmoid(x_t w_alpha + b_alpha)                 ; forget gate
+    eta_t    = sigmoid(x_t w_eta + b_eta)                     ; momentum (0 when spec.momentum is off)
+    alpha_t  = sigmoid(x_t w_alpha + b_alpha)                 ; forget gate (0 when spec.decay is off)
     gamma_t  = sigmoid(x_t w_gamma + b_gamma)                 ; ATLAS Omega-window gate (c > 1)
     memory update and read-after-write retrieval y_t = M_{W_t}(q_t)   (kernels/titans/chunked.py)
     out      = W_o( RMSNorm_head(y) * SiLU(W_g x) )
 
-Gates are per-head scalars from one linear map of x; the generic init (normal 0.02) leaves the
-weights small, so the biases set the initial gates (``TitansConfig.*_bias_init``). The Omega gate
+Gates are per-head scalars from one linear map of x (rows ordered theta, eta, alpha, gamma, the
+switched-off ones left out); the generic init (normal 0.02) leaves the weights small, so the
+biases set the initial gates (``TitansConfig.*_bias_init``). The Omega gate
 gamma_i belongs to token i and is the same for every window that contains i (our choice; the
 paper writes gamma_i^(t)). The initial memory W_0 is a learned parameter per head (Xavier
 uniform, as lucidrains), broadcast over the batch and restored at every document start.
@@ -34,7 +35,7 @@ from torch import nn
 from hybrid_lm.kernels.titans.chunked import chunked_memory_update
 from hybrid_lm.kernels.titans.memory_mlp import memory_dims
 from hybrid_lm.models.common.mixer import Layer, State, linear_flops
-from hybrid_lm.models.titans.features import PolynomialFeatures
+from hybrid_lm.models.titans.features import PolyForm, PolynomialFeatures
 from hybrid_lm.models.titans.streams import Streams, build_streams, causal_windows
 
 
@@ -56,8 +57,13 @@ class MemorySpec:
     decay_bias_init: float = -4.0
     omega_window: int = 1
     poly_degree: int = 0
+    poly_form: PolyForm = "tensor"
     ns_steps: int = 0
     bias: Literal["l2", "dot"] = "l2"
+    momentum: bool = True
+    """False: eta = 0, plain (stochastic) gradient steps (DeepTransformer)"""
+    decay: bool = True
+    """False: alpha = 0, the memory never forgets (DeepTransformer)"""
     gamma_bias_init: float = 3.0
     """Omega gate init: gamma ~ 0.95, i.e. the window starts (almost) unpruned"""
 
@@ -73,9 +79,11 @@ class NeuralMemory(Layer):
         if spec.conv_size > 0:
             self.conv_weight = nn.Parameter(torch.empty(3 * h * dh, spec.conv_size))
             self.conv_bias = nn.Parameter(torch.zeros(3 * h * dh))
-        self.n_gates = 4 if spec.omega_window > 1 else 3
+        names = ["theta"] + ["eta"] * spec.momentum + ["alpha"] * spec.decay + ["gamma"] * (spec.omega_window > 1)
+        self.gate_names: tuple[str, ...] = tuple(names)
+        self.n_gates = len(names)
         self.gates = nn.Linear(spec.d_model, self.n_gates * h, bias=True)
-        self.features = PolynomialFeatures(dh, spec.poly_degree) if spec.poly_degree > 0 else None
+        self.features = PolynomialFeatures(dh, spec.poly_degree, spec.poly_form) if spec.poly_degree > 0 else None
         self.d_key = self.features.out_dim if self.features is not None else dh
         self.residual = spec.residual and self.d_key == dh
         self.dims = memory_dims(self.d_key, dh, spec.depth, spec.expansion)
@@ -96,8 +104,8 @@ class NeuralMemory(Layer):
             nn.init.uniform_(self.conv_weight, -1 / math.sqrt(s.conv_size), 1 / math.sqrt(s.conv_size))
             self.conv_bias.zero_()
         h = s.n_heads
-        inits = [s.theta_bias_init, s.momentum_bias_init, s.decay_bias_init, s.gamma_bias_init][: self.n_gates]
-        self.gates.bias.copy_(torch.tensor(inits).repeat_interleave(h))
+        inits = dict(theta=s.theta_bias_init, eta=s.momentum_bias_init, alpha=s.decay_bias_init, gamma=s.gamma_bias_init)
+        self.gates.bias.copy_(torch.tensor([inits[n] for n in self.gate_names]).repeat_interleave(h))
         if self.features is not None:
             self.features.reset_parameters()
 
@@ -139,10 +147,11 @@ class NeuralMemory(Layer):
         q = F.normalize(qkv[:, :, 0], dim=-1)
         k = F.normalize(qkv[:, :, 1], dim=-1)
         v = qkv[:, :, 2]
-        g = self.gates(x).view(bsz, seq_len, self.n_gates, h)
-        theta = s.theta_max * torch.sigmoid(g[:, :, 0])
-        eta, alpha = torch.sigmoid(g[:, :, 1]), torch.sigmoid(g[:, :, 2])
-        gamma = torch.sigmoid(g[:, :, 3]) if c > 1 else torch.ones_like(theta)
+        g = dict(zip(self.gate_names, self.gates(x).view(bsz, seq_len, self.n_gates, h).unbind(2)))
+        theta = s.theta_max * torch.sigmoid(g["theta"])
+        eta = torch.sigmoid(g["eta"]) if s.momentum else torch.zeros_like(theta)
+        alpha = torch.sigmoid(g["alpha"]) if s.decay else torch.zeros_like(theta)
+        gamma = torch.sigmoid(g["gamma"]) if c > 1 else torch.ones_like(theta)
         if c > 1:
             packed = torch.cat([k.flatten(2), v.flatten(2), gamma], dim=-1)
             win, mask, tails["omega"], tails["omega_valid"] = causal_windows(

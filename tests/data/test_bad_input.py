@@ -71,6 +71,61 @@ def test_tokenizer_mismatch_names_both_values(synthetic, cfg_for):
     build_loader(cfg_for(path, expected_vocab_size=258, tokenizer_fingerprint=fp), "train", 0, 1)
 
 
+def _swap_tokenizer(path):
+    """Replace the shards' tokenizer.json by another tokenizer (a BPE over 270 ids)."""
+    from hybrid_lm.data.tokenizer import Tokenizer
+
+    other = Tokenizer.train(["def f(x): return x", "class A: pass"] * 20, vocab_size=270)
+    other.save(path)
+    return other
+
+
+def test_swapped_tokenizer_json_fails_at_start_up(synthetic, cfg_for):
+    # the default check: nothing in the config pins the tokenizer
+    path, _ = synthetic([40] * 30, shard_tokens=400)
+    recorded = load_manifest(str(path))["tokenizer"]["fingerprint"]
+    other = _swap_tokenizer(path)
+    expect = (rf"{path / 'manifest.json'} says .*fingerprint={recorded} vocab_size=258, but "
+              rf"{path / 'tokenizer.json'} has fingerprint={other.fingerprint()} vocab_size={other.vocab_size}")
+    for split in ("train", "val"):
+        with pytest.raises(DataError, match=expect):
+            build_loader(cfg_for(path), split, 0, 1)
+    # pins add requirements, they do not excuse the file: matching pins still fail on it
+    with pytest.raises(DataError, match=expect):
+        build_loader(cfg_for(path, expected_vocab_size=258, tokenizer_fingerprint=recorded), "train", 0, 1)
+
+
+def test_training_start_up_checks_the_tokenizer_file_before_the_model(synthetic):
+    from hybrid_lm.models.config import ModelConfig
+    from hybrid_lm.train.build import check_tokenizer_fits, tokenizer_file
+    from hybrid_lm.data.config import DataConfig
+
+    path, _ = synthetic([40] * 30, shard_tokens=400)
+    tok = tokenizer_file(DataConfig(path=str(path)))
+    check_tokenizer_fits(ModelConfig(vocab_size=258), tok)  # the shards' own tokenizer: fine
+    _swap_tokenizer(path)
+    with pytest.raises(DataError, match=r"tokenizer mismatch: .*manifest.json says .* but .*tokenizer.json has"):
+        check_tokenizer_fits(ModelConfig(vocab_size=512), tok)
+
+
+def test_reserialized_tokenizer_json_is_the_same_tokenizer(synthetic, cfg_for):
+    # only the bytes differ (indentation, key order): the canonical fingerprint still matches
+    path, _ = synthetic([40] * 30, shard_tokens=400)
+    tok_file = path / "tokenizer.json"
+    data = json.loads(tok_file.read_text(encoding="utf-8"))
+    tok_file.write_text(json.dumps(dict(reversed(list(data.items()))), indent=2), encoding="utf-8")
+    assert build_loader(cfg_for(path), "train", 0, 1).batches_per_epoch(0) > 0
+
+
+def test_missing_tokenizer_json_is_not_a_start_up_error(synthetic, cfg_for):
+    # the loader needs only the manifest and shards; the pins still apply
+    path, _ = synthetic([40] * 30, shard_tokens=400)
+    (path / "tokenizer.json").unlink()
+    build_loader(cfg_for(path), "train", 0, 1)
+    with pytest.raises(DataError, match="expected_vocab_size=512"):
+        build_loader(cfg_for(path, expected_vocab_size=512), "train", 0, 1)
+
+
 def test_empty_corpus_and_too_small_split(tmp_path, synthetic, cfg_for):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no non-empty documents"):

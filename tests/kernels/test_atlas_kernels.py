@@ -1,6 +1,8 @@
 """ATLAS pieces: Omega-rule + Muon chunked update vs the oracle, Newton-Schulz, polynomial map."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from hybrid_lm.kernels.atlas.newton_schulz import newton_schulz
 from hybrid_lm.kernels.titans.chunked import chunked_memory_update
 from hybrid_lm.kernels.titans.memory_mlp import memory_dims
 from hybrid_lm.kernels.titans.reference import sequential_memory_update
-from hybrid_lm.models.titans.features import PolynomialFeatures
+from hybrid_lm.models.titans.features import PolynomialFeatures, poly_feature_dim
 
 from test_titans_kernels import make_inputs
 
@@ -70,3 +72,25 @@ def test_polynomial_map_kernel_identity() -> None:
     dot = (q * k).sum(-1)
     expected = 1.0 + dot + dot**2 / 2.0
     torch.testing.assert_close((feats(q) * feats(k)).sum(-1), expected, atol=1e-6, rtol=1e-6)  # coefficients initialised in fp32
+
+
+@pytest.mark.parametrize("degree", [2, 3])
+def test_polynomial_monomial_form_same_kernel(degree: int) -> None:
+    """The monomial layout has the tensor form's kernel sum_i c_i^2 (q.k)^i (spec 3.8.4) with
+    C(d+p, p) features instead of 1 + d + ... + d^p, also for learned (non-Taylor) coefficients."""
+    d = 5
+    tensor, mono = PolynomialFeatures(d, degree).double(), PolynomialFeatures(d, degree, "monomial").double()
+    with torch.no_grad():
+        coeffs = torch.tensor([0.7, -1.3, 0.4, 2.1][: degree + 1], dtype=torch.float64)
+        tensor.coeffs.copy_(coeffs)
+        mono.coeffs.copy_(coeffs)
+    assert mono.out_dim == math.comb(d + degree, degree) == poly_feature_dim(d, degree, "monomial")
+    assert tensor.out_dim == sum(d**i for i in range(degree + 1)) == poly_feature_dim(d, degree)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 7, d, generator=g, dtype=torch.float64).unbind(0)
+    dot = (q * k).sum(-1)
+    expected = sum(coeffs[i] ** 2 * dot**i for i in range(degree + 1))
+    torch.testing.assert_close((mono(q) * mono(k)).sum(-1), expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close((tensor(q) * tensor(k)).sum(-1), expected, atol=1e-12, rtol=1e-12)
+    assert len(mono.state_dict()) == 1  # only the coefficients; the index tables are derived
+    assert torch.autograd.gradcheck(mono, (q[:2].clone().requires_grad_(),))

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hybrid_lm.kernels.atlas.newton_schulz import newton_schulz
 from hybrid_lm.kernels.titans.chunked import _closed_form, _materialised, chunked_memory_update
 from hybrid_lm.kernels.titans.memory_mlp import memory_dims, memory_forward, memory_grads
 from hybrid_lm.kernels.titans.reference import sequential_memory_update
@@ -71,29 +72,92 @@ def test_linear_memory_is_gated_delta_rule() -> None:
     torch.testing.assert_close(w_end[0], m, atol=1e-12, rtol=1e-12)
 
 
+OPTIMIZERS = pytest.mark.parametrize("ns_steps", [0, 5], ids=["momentum", "muon"])
+
+
+def _grads_at(anchor: list[torch.Tensor], k, v, gamma, t: int, residual: bool) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+    """Token t's inner gradient u_t (per layer, (N, out, in)) at the given weights."""
+    return [g[:, 0] for g in memory_grads(anchor, k[:, t : t + 1], v[:, t : t + 1], gamma[:, t : t + 1], residual)]
+
+
+@OPTIMIZERS
 @pytest.mark.parametrize("chunk", [1, 4], ids=lambda b: f"b{b}")
-def test_zero_learning_rate_never_changes_memory(chunk: int) -> None:
+def test_zero_learning_rate_never_changes_memory(chunk: int, ns_steps: int) -> None:
+    """theta = 0, alpha = 0, S_0 = 0: W never moves (bit for bit) and every read is M_{W_0}(q)."""
     w, s, k, v, gamma, q, th, et, al, valid = make_inputs()
     zero_s = [torch.zeros_like(x) for x in s]
-    y, w_end, s_end, _ = chunked_memory_update(w, zero_s, w, k, v, gamma, q, torch.zeros_like(th), et, torch.zeros_like(al), valid, chunk, residual=True)
+    y, w_end, s_end, _ = chunked_memory_update(w, zero_s, w, k, v, gamma, q, torch.zeros_like(th), et, torch.zeros_like(al), valid, chunk, residual=True, ns_steps=ns_steps)
     for a, b in zip(w_end, w):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     torch.testing.assert_close(y, memory_forward(w, q, residual=True), atol=1e-12, rtol=1e-12)
+    if ns_steps:  # Muon's step size sits outside NS: the momentum still gathers the gradients
+        assert all(x.abs().max() > 1e-3 for x in s_end)
+    else:
+        assert all(x.abs().max() == 0 for x in s_end)
 
 
+@OPTIMIZERS
+@pytest.mark.parametrize("decay", [False, True], ids=["alpha0", "alpha"])
 @pytest.mark.parametrize("chunk", [1, 4], ids=lambda b: f"b{b}")
-def test_full_decay_resets_every_token(chunk: int) -> None:
-    """alpha = 1, eta = 0: W_t = -theta_t u_t(anchor), nothing of W_{t-1} survives."""
+def test_zero_learning_rate_with_incoming_momentum(chunk: int, decay: bool, ns_steps: int) -> None:
+    """theta = 0 with a nonzero carried momentum S_0 and random eta (and alpha), per the spec's rules.
+
+    Plain momentum (spec 2.2: S_t = eta S_{t-1} - theta g, W_t = (1 - alpha) W_{t-1} + S_t): the
+    gradients never enter, but the carried momentum keeps moving W: S_t = eta_t S_{t-1},
+    W_t = (1 - alpha_t) W_{t-1} + S_t. Muon (spec 3.5: W_t = (1 - alpha) W_{t-1} + theta NS(S_t)):
+    W only decays, W_t = (1 - alpha_t) W_{t-1} (never changes when alpha = 0), while the momentum
+    keeps gathering gradients at the chunk-start weights, S_t = eta_t S_{t-1} - u_t.
+    """
+    w, s, k, v, gamma, q, th, et, al, valid = make_inputs(length=11)
+    s = [x * 5.0 for x in s]  # carried momentum well above rounding
+    alpha = al if decay else torch.zeros_like(al)
+    y, w_end, s_end, _ = chunked_memory_update(w, s, w, k, v, gamma, q, torch.zeros_like(th), et, alpha, valid, chunk, residual=True, ns_steps=ns_steps)
+    wt, st, anchor = list(w), list(s), list(w)
+    for t in range(th.size(1)):
+        if t % chunk == 0:
+            anchor = list(wt)
+        a, e = alpha[:, t, None, None], et[:, t, None, None]
+        if ns_steps:
+            u = _grads_at(anchor, k, v, gamma, t, residual=True)
+            st = [e * x - g for x, g in zip(st, u)]
+            wt = [(1 - a) * x for x in wt]
+        else:
+            st = [e * x for x in st]
+            wt = [(1 - a) * x + m for x, m in zip(wt, st)]
+        torch.testing.assert_close(y[:, t], memory_forward(wt, q[:, t, None], residual=True)[:, 0], atol=1e-12, rtol=1e-12)
+    for a, b in zip(w_end + s_end, wt + st):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    moved = max((a - b).abs().max().item() for a, b in zip(w_end, w))
+    if ns_steps and not decay:
+        assert moved == 0.0  # bit for bit, whatever the momentum
+    else:
+        assert moved > 1e-3
+
+
+@OPTIMIZERS
+@pytest.mark.parametrize("chunk", [1, 4], ids=lambda b: f"b{b}")
+def test_full_decay_resets_every_token(chunk: int, ns_steps: int) -> None:
+    """alpha = 1, eta = 0: nothing of W_{t-1} or S_{t-1} survives a token. Plain momentum
+    W_t = S_t = -theta_t u_t; Muon S_t = -u_t, W_t = theta_t NS(-u_t); u_t taken at the weights
+    the chunk started with. Checked per token (the reads y_t) and for the final state."""
     w, s, k, v, gamma, q, th, _, al, valid = make_inputs(length=8)
-    y, w_end, _, _ = chunked_memory_update(w, s, w, k, v, gamma, q, th, torch.zeros_like(th), torch.ones_like(al), valid, chunk, residual=False)
-    anchor = w if chunk == 1 else None
-    _, w_prev, _, _ = chunked_memory_update(w, s, w, k[:, :-1], v[:, :-1], gamma[:, :-1], q[:, :-1], th[:, :-1], torch.zeros_like(th[:, :-1]), torch.ones_like(al[:, :-1]), valid[:, :-1], chunk, residual=False)
-    anchor = w_prev if chunk == 1 else w_prev if 7 % chunk == 0 else None
-    if anchor is None:  # last token shares its chunk (start 4) with tokens 4..6
-        _, anchor, _, _ = chunked_memory_update(w, s, w, k[:, :4], v[:, :4], gamma[:, :4], q[:, :4], th[:, :4], torch.zeros_like(th[:, :4]), torch.ones_like(al[:, :4]), valid[:, :4], chunk, residual=False)
-    u = memory_grads(anchor, k[:, -1:], v[:, -1:], gamma[:, -1:], residual=False)
-    for a, g in zip(w_end, u):
-        torch.testing.assert_close(a, -th[:, -1, None, None] * g[:, 0], atol=1e-12, rtol=1e-12)
+    for residual in (False, True):
+        y, w_end, s_end, _ = chunked_memory_update(w, s, w, k, v, gamma, q, th, torch.zeros_like(th), torch.ones_like(al), valid, chunk, residual=residual, ns_steps=ns_steps)
+        wt, anchor = list(w), list(w)
+        for t in range(th.size(1)):
+            if t % chunk == 0:
+                anchor = list(wt)
+            u = _grads_at(anchor, k, v, gamma, t, residual)
+            lr = th[:, t, None, None]
+            if ns_steps:
+                st = [-g for g in u]
+                wt = [lr * newton_schulz(x, ns_steps) for x in st]
+            else:
+                st = [-lr * g for g in u]
+                wt = list(st)
+            torch.testing.assert_close(y[:, t], memory_forward(wt, q[:, t, None], residual)[:, 0], atol=1e-12, rtol=1e-12)
+        for a, b in zip(w_end + s_end, wt + st):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
 def test_padding_is_a_noop() -> None:

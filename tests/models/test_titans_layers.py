@@ -8,8 +8,9 @@ import torch
 from hybrid_lm.models.common.registry import get_layer_spec
 from hybrid_lm.models.config import ModelConfig
 from hybrid_lm.models.hybrid import HybridLM
+from hybrid_lm.models.titans.streams import build_streams
 
-LETTERS = ["T", "G", "L", "C", "X", "D"]
+LETTERS = ["T", "G", "L", "C", "X", "D", "D3"]  # D3: D with an Omega window of 3 (SWDT form)
 DT = torch.float64
 
 
@@ -22,8 +23,11 @@ def small_config(pattern: str = "T-") -> ModelConfig:
 
 
 def build(letter: str, seed: int = 0):
+    cfg = small_config()
+    if letter == "D3":
+        letter, cfg.atlas.deep_transformer.omega_window = "D", 3
     torch.manual_seed(seed)
-    return get_layer_spec(letter).build(small_config(), 0).to(DT)
+    return get_layer_spec(letter).build(cfg, 0).to(DT)
 
 
 def inputs(batch: int = 2, length: int = 11) -> torch.Tensor:
@@ -81,7 +85,9 @@ def test_causal(letter: str) -> None:
 
 
 def test_atlas_window1_equals_titans() -> None:
-    """ATLAS with c=1, no polynomial map, plain momentum is the Titans layer."""
+    """ATLAS with c=1, no polynomial map, plain momentum is the Titans layer (spec 3.8.1). With
+    c = 1 X builds the same MemorySpec as T, so this checks the config plumbing only; the window
+    machinery (c > 1) is checked by the two tests below."""
     cfg = small_config()
     cfg.atlas.omega_window, cfg.atlas.poly_degree, cfg.atlas.optimizer = 1, 0, "momentum"
     torch.manual_seed(0)
@@ -90,6 +96,171 @@ def test_atlas_window1_equals_titans() -> None:
     atlas.load_state_dict(titans.state_dict())
     x = inputs()
     torch.testing.assert_close(atlas(x)[0], titans(x)[0], atol=1e-12, rtol=1e-12)
+
+
+def _titans_and_atlas(window: int, seed: int = 0) -> tuple:
+    """A T layer and an X layer (Omega window ``window``, no polynomial map, plain momentum) with
+    the same weights; X's extra gamma gate rows are forced to gamma = 1 for every token."""
+    cfg = small_config()
+    cfg.atlas.omega_window, cfg.atlas.poly_degree, cfg.atlas.optimizer = window, 0, "momentum"
+    torch.manual_seed(seed)
+    titans = get_layer_spec("T").build(cfg, 0).to(DT)
+    atlas = get_layer_spec("X").build(cfg, 0).to(DT)
+    assert atlas.gate_names == ("theta", "eta", "alpha", "gamma") and titans.gate_names == atlas.gate_names[:3]
+    h = cfg.titans.n_heads
+    state = {k: v for k, v in titans.state_dict().items() if not k.startswith("gates.")}
+    atlas.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        atlas.gates.weight[: 3 * h] = titans.gates.weight
+        atlas.gates.bias[: 3 * h] = titans.gates.bias
+        atlas.gates.weight[3 * h :] = 0.0
+        atlas.gates.bias[3 * h :] = 40.0  # sigmoid(40) rounds to 1.0 in fp64
+    return titans, atlas
+
+
+@pytest.mark.parametrize("window", [2, 3])
+def test_atlas_window_pruned_to_current_token_equals_titans(window: int) -> None:
+    """X with c > 1 whose window gates keep only the current token is T, through the whole
+    window machinery (gathered key/value windows, carried window tails, document masks, kernel
+    with c entries per token).
+
+    gamma is one value per token (gamma_i, the same in every window holding token i), so no gate
+    setting can keep token t in its own window and drop it from later ones: the gates are forced to
+    gamma = 1 and the projected (B, T, H, c) window gates are then multiplied by the one-hot of the
+    newest entry. Also run as two calls (state carried) over packed documents."""
+    titans, atlas = _titans_and_atlas(window)
+    x = inputs()
+    doc = torch.tensor([[0] * 5 + [1] * 6, [3] * 7 + [4] * 1 + [5] * 3])
+    y_unpruned, _ = atlas(x, doc_ids=doc)
+    assert (y_unpruned - titans(x, doc_ids=doc)[0]).abs().max() > 1e-3  # the window matters
+
+    project = atlas.project
+    newest = torch.zeros(window, dtype=DT)
+    newest[-1] = 1.0
+
+    def pruned(xx: torch.Tensor, state: dict, doc_ids):  # type: ignore[no-untyped-def]
+        got, tails = project(xx, state, doc_ids)
+        assert got["gamma"].shape[-1] == window and torch.all((got["gamma"] == 0) | (got["gamma"] == 1))
+        return {**got, "gamma": got["gamma"] * newest}, tails
+
+    atlas.project = pruned  # type: ignore[method-assign]
+    for d in (None, doc):
+        ref, _ = titans(x, doc_ids=d)
+        torch.testing.assert_close(atlas(x, doc_ids=d)[0], ref, atol=1e-12, rtol=1e-12)
+        y1, s1 = atlas(x[:, :4], doc_ids=None if d is None else d[:, :4], return_state=True)
+        y2, _ = atlas(x[:, 4:], state=s1, doc_ids=None if d is None else d[:, 4:])
+        torch.testing.assert_close(torch.cat([y1, y2], 1), ref, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("cut", [None, 3, 6], ids=lambda c: f"cut{c}")
+def test_omega_windows_match_explicit_loop(cut) -> None:  # type: ignore[no-untyped-def]
+    """The key/value/gate windows X hands the kernel equal a loop over "the last c tokens of the
+    same document": entry j of token t's window is token t - (c-1) + j, with gate gamma of that
+    token if it exists and lies in t's document, else gate 0. Covers the first c-1 tokens of a
+    sequence, document boundaries inside a window, a one-token document and (``cut``) windows
+    that reach into the previous call through the carried tail."""
+    c = 3
+    titans, atlas = _titans_and_atlas(c)
+    h, dh = 2, 8
+    with torch.no_grad():  # gates that differ per token, so a shifted window changes them
+        atlas.gates.weight[3 * h :] = torch.randn(h, 16, generator=torch.Generator().manual_seed(5), dtype=DT)
+        atlas.gates.bias[3 * h :] = 0.0
+    x = inputs()
+    doc = torch.tensor([[0] * 5 + [1] * 6, [3] * 7 + [4] * 1 + [5] * 3])
+    bsz, length = doc.shape
+
+    def windows(layer, xx, d, state):  # type: ignore[no-untyped-def]
+        st = layer.init_state(bsz, device=xx.device, dtype=xx.dtype) if state is None else state
+        return layer.project(xx, st, d)[0]
+
+    if cut is None:
+        got = windows(atlas, x, doc, None)
+        tok = windows(titans, x, doc, None)
+    else:  # second call continues documents that started in the first
+        _, sa = atlas(x[:, :cut], doc_ids=doc[:, :cut], return_state=True)
+        _, st = titans(x[:, :cut], doc_ids=doc[:, :cut], return_state=True)
+        parts = [windows(atlas, x[:, :cut], doc[:, :cut], None), windows(atlas, x[:, cut:], doc[:, cut:], sa)]
+        got = {n: torch.cat([p[n] for p in parts], 1) for n in ("k", "v", "gamma")}
+        parts = [windows(titans, x[:, :cut], doc[:, :cut], None), windows(titans, x[:, cut:], doc[:, cut:], st)]
+        tok = {n: torch.cat([p[n] for p in parts], 1) for n in ("k", "v")}
+    # per-token references from T (same projections and convolution, window 1) and the gate rows
+    k_tok, v_tok = tok["k"][:, :, :, 0], tok["v"][:, :, :, 0]  # (B, T, H, dh)
+    g_tok = torch.sigmoid(x @ atlas.gates.weight[3 * h :].T + atlas.gates.bias[3 * h :]).detach()  # (B, T, H)
+    assert got["k"].shape == (bsz, length, h, c, dh) and got["gamma"].shape == (bsz, length, h, c)
+    n_masked = 0
+    for b in range(bsz):
+        for t in range(length):
+            for j in range(c):
+                src = t - (c - 1) + j
+                if src >= 0 and doc[b, src] == doc[b, t]:
+                    torch.testing.assert_close(got["k"][b, t, :, j], k_tok[b, src], atol=1e-14, rtol=0)
+                    torch.testing.assert_close(got["v"][b, t, :, j], v_tok[b, src], atol=1e-14, rtol=0)
+                    torch.testing.assert_close(got["gamma"][b, t, :, j], g_tok[b, src], atol=1e-14, rtol=0)
+                else:
+                    assert torch.all(got["gamma"][b, t, :, j] == 0), (b, t, j)
+                    n_masked += 1
+    # 2 + 1 masked entries (first and second token) at the start of the sequence and of each
+    # document, except the one-token document 4 (row 1, t = 7), which has only its first token's 2
+    assert n_masked == (3 + 3) + (3 + 2 + 3)
+
+
+def test_deep_transformer_has_its_own_config() -> None:
+    """D reads ``atlas.deep_transformer`` (DeepTransformer defaults: c = 1, dot-product bias, no
+    momentum, no decay, plain steps), X reads ``atlas``; a stack holds both with their settings."""
+    from hybrid_lm.typed_config import from_dict
+
+    cfg = from_dict(ModelConfig, {"d_model": 16, "layer_pattern": "X-D-", "titans": {"n_heads": 2},
+                                  "atlas": {"omega_window": 3, "deep_transformer": {"poly_degree": 1}}})
+    x_layer, d_layer = (get_layer_spec(c).build(cfg, 0) for c in "XD")
+    xs, ds = x_layer.spec, d_layer.spec
+    assert (xs.omega_window, xs.poly_degree, xs.ns_steps, xs.bias, xs.momentum, xs.decay) == (3, 2, 5, "l2", True, True)
+    assert (ds.omega_window, ds.poly_degree, ds.ns_steps, ds.bias, ds.momentum, ds.decay) == (1, 1, 0, "dot", False, False)
+    assert d_layer.gate_names == ("theta",) and x_layer.gate_names == ("theta", "eta", "alpha", "gamma")
+    assert d_layer.d_key == 1 + 8 and x_layer.d_key == 1 + 8 + 64
+    model = HybridLM(cfg)
+    assert [type(b.layer).__name__ for b in model.blocks][::2] == ["NeuralMemory", "NeuralMemory"]
+    cfg.atlas.deep_transformer.omega_window = 0
+    with pytest.raises(ValueError, match="atlas.deep_transformer.omega_window"):
+        get_layer_spec("D").build(cfg, 0)
+
+
+@pytest.mark.parametrize("chunk", [1, 4], ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("form", ["tensor", "monomial"])
+def test_linear_deep_transformer_is_unnormalised_kernel_attention(chunk: int, form: str) -> None:
+    """D with a linear memory (L_M = 1) is unnormalised kernel attention (spec 3.3), in fp64:
+    the Hebbian loss -<W phi(k), v> has gradient -v phi(k)^T whatever W is, and with no momentum
+    and no decay W_t = W_0 + sum_{i<=t} theta_i v_i phi(k_i)^T, so
+
+        y_t = W_0 phi(q_t) + sum_{i<=t, same document} theta_i v_i sum_p a_p (q_t . k_i)^p
+
+    with a_p = 1/p! at init (degree-2 Taylor series of exp(q.k), the kernel of softmax attention).
+    Any chunk size gives the same (the gradients do not depend on the weights)."""
+    cfg = small_config()
+    cfg.titans.memory_depth, cfg.titans.chunk_size = 1, chunk
+    cfg.atlas.deep_transformer.poly_form = form
+    torch.manual_seed(0)
+    layer = get_layer_spec("D").build(cfg, 0).to(DT)
+    x = inputs()
+    doc = torch.tensor([[0] * 5 + [1] * 6, [3] * 7 + [4] * 1 + [5] * 3])
+    bsz, length = doc.shape
+    state = layer.init_state(bsz, device=x.device, dtype=DT)
+    inp, _ = layer.project(x, state, doc)
+    y, _ = layer.run_streams(inp, build_streams(doc, state["offset"], length, chunk), state)
+    features, layer.features = layer.features, None
+    raw, _ = layer.project(x, state, doc)  # q, k before the polynomial map
+    layer.features = features
+    a = features.coeffs.detach() ** 2
+    torch.testing.assert_close(a, torch.tensor([1.0, 1.0, 0.5], dtype=DT), atol=1e-7, rtol=0)
+    q, k, v, theta = raw["q"], raw["k"][:, :, :, 0], inp["v"][:, :, :, 0], inp["theta"]
+    w0 = layer.w0[0].detach()  # (H, dh, d_key)
+    for b in range(bsz):
+        for t in range(length):
+            same = [i for i in range(t + 1) if doc[b, i] == doc[b, t]]
+            s = (q[b, t, :, None, :] * k[b, same].transpose(0, 1)).sum(-1)  # (H, n) q_t . k_i
+            kern = a[0] + a[1] * s + a[2] * s**2
+            want = torch.einsum("hn,nh,nhd->hd", kern, theta[b, same], v[b, same])
+            want = want + (w0 @ features(q[b, t])[..., None])[..., 0]
+            torch.testing.assert_close(y[b, t], want, atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("pattern", ["C-C-", "G-L-", "T-X-D-"])

@@ -1,11 +1,12 @@
 """Learning check: the neural memory solves associative recall beyond the attention window.
 
-Task: 8 random key->value pairs (keys and values from disjoint vocabularies), then the same
-pairs asked again in a shuffled order; accuracy is measured on the values of the query half.
-A gap of filler tokens longer than the attention window (4) separates the halves, so attention
-cannot reach any pair from the query half, so only a memory can
-answer. The baseline is the same model with the MAG layer replaced by plain sliding-window
-attention of the same window and persistent tokens.
+Task: ``N_PAIRS`` (6) random key->value pairs (keys and values from disjoint vocabularies), then
+the same pairs asked again in a shuffled order; accuracy is measured on the values of the query
+half. A gap of ``GAP`` (4) filler tokens separates the halves, so every query is at least 5
+tokens after the pair it asks for, out of reach of the attention window (4: a token and the 3
+before it), and only a memory can answer. The model is one MAL block (pattern ``L-``: memory,
+then sliding-window attention, then an MLP); the baseline is the same model with that MAL layer
+replaced by plain sliding-window attention of the same window and persistent tokens.
 """
 from __future__ import annotations
 
