@@ -83,7 +83,8 @@ def engine_loop(cfg, batches: list, steps: int) -> list[float]:
     source = TimedBatches(batches)
     with tempfile.TemporaryDirectory() as run_dir:
         cfg.train.run_dir, cfg.train.resume, cfg.train.steps = run_dir, "never", steps
-        cfg.checkpoint.every, cfg.eval.every, cfg.logging.tensorboard = 0, 0, False
+        cfg.checkpoint.every, cfg.logging.tensorboard = 0, False
+        cfg.eval.hooks = []  # evals run at the start and the end otherwise, and would draw timed batches
         cfg.checkpoint.dir = str(Path(run_dir) / "checkpoints")
         train(cfg, make_loader=lambda split, rank, world: source)
     return source.times
