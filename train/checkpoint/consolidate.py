@@ -4,7 +4,8 @@ For export, evaluation and ``train.init_from``. Works for every ZeRO stage by us
 own consolidation (``zero_to_fp32``) for stages 1-3 and the engine's module file for stage 0, so
 how partitions are laid out is DeepSpeed's business, not ours. The checkpoint's sha256 marker is
 verified first, so a corrupted file fails here with its name rather than as a confusing shape
-error downstream.
+error downstream. Every file is then read weights-only (safe_load.py), zero_to_fp32's own
+``torch.load(weights_only=False)`` included: a forged file is refused, never executed.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hybrid_lm.train.checkpoint import layout
+from hybrid_lm.train.checkpoint import layout, safe_load
 from hybrid_lm.train.checkpoint.manager import DS_TAG
 from hybrid_lm.typed_config import from_dict
 
@@ -53,12 +54,14 @@ def load_model_state(path: Path) -> LoadedModel:
     meta = layout.verify(ckpt)
     job_config = json.loads((ckpt / "config.json").read_text())
     model_config = from_dict(ModelConfig, job_config["model"], "model")
-    if int(meta.get("zero_stage", 0)) == 0:
-        raw = _stage0_state_dict(ckpt / DS_TAG)
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    safe_load.check(ckpt / DS_TAG)
+    with safe_load.weights_only_loads(ckpt / DS_TAG):
+        if int(meta.get("zero_stage", 0)) == 0:
+            raw = _stage0_state_dict(ckpt / DS_TAG)
+        else:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        raw = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
+            raw = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
     state_dict = {k: v.detach().to(torch.float32).contiguous() if v.is_floating_point() else v
                   for k, v in raw.items()}
     return LoadedModel(model_config, state_dict, ckpt, job_config, int(meta["step"]))

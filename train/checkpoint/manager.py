@@ -8,7 +8,8 @@ point leaves either the previous state or a directory that never counts.
 ``restore(...)`` picks the newest checkpoint that verifies (rank 0 decides, everyone follows),
 refuses a changed world size or tokenizer with a message that says so, and loads through
 ``engine.load_checkpoint`` so every ZeRO stage works. DeepSpeed's own files are read by DeepSpeed
-(``torch.load``) only *after* their sha256 matched the marker we wrote.
+(``torch.load``) only *after* their sha256 matched the marker we wrote, and only weights-only with
+a minimal allowlist (safe_load.py): the marker proves integrity, not origin.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 from hybrid_lm.train import distributed as D
-from hybrid_lm.train.checkpoint import layout
+from hybrid_lm.train.checkpoint import layout, safe_load
 from hybrid_lm.train.checkpoint.state import TrainerState, load_rank_state, restore_rng, save_rank_state
 
 DS_TAG = "ds"
@@ -112,8 +113,15 @@ def restore(engine, ckpt: Path, *, rank: int, world_size: int, tokenizer_file: O
         raise layout.CheckpointError(
             f"{tokenizer_file} differs from the tokenizer saved in {ckpt}; refusing to resume on different "
             "tokens (set checkpoint.allow_tokenizer_change=true to override)")
-    load_path, _ = engine.load_checkpoint(str(ckpt), tag=DS_TAG, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+    # rank 0 scans every rank's files so all ranks refuse together instead of one rank failing
+    # inside DeepSpeed while the others wait in its next collective
+    refused = safe_load.scan(ckpt / DS_TAG) if D.is_main() else None
+    refused = D.broadcast_object(refused)
+    if refused:
+        raise layout.CheckpointError("; ".join(refused))  # type: ignore[arg-type]
+    with safe_load.weights_only_loads(ckpt / DS_TAG):
+        load_path, _ = engine.load_checkpoint(str(ckpt), tag=DS_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
     if load_path is None:
         raise layout.CheckpointError(f"{ckpt / DS_TAG}: DeepSpeed could not load the model/optimizer state")
     state = TrainerState.from_json(json.loads((ckpt / "trainer.json").read_text()))
