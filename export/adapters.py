@@ -16,10 +16,8 @@ from typing import Optional
 
 import torch
 
-from hybrid_lm.export.model_dir import ExportError
+from hybrid_lm.export.model_dir import ExportError, SpecialIds
 from hybrid_lm.models.config import ModelConfig
-
-SpecialIds = dict[str, Optional[int]]
 
 
 class Adapter:

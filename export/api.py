@@ -5,19 +5,22 @@ Steps: read the weights (``load_model_state`` for run/checkpoint dirs, any ZeRO 
 here rather than as a confusing load error later), pick the adapter for the layer pattern
 (``adapters.select``), write the model, then the tokenizer files and ``generation_config.json``.
 The output folder is written only after the checks pass; an existing non-empty one is refused
-unless ``force``.
+unless ``force``. A source without a tokenizer still exports (the weights are the point), with a
+warning on stderr and ``"tokenizer": null`` in ``hybrid_lm_export.json``.
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from hybrid_lm.export.adapters import select
-from hybrid_lm.export.model_dir import ExportError, check_state_dict, is_model_dir, load_model_dir, prepare_out_dir
-from hybrid_lm.export.tokenizer import special_token_ids, write_tokenizer
+from hybrid_lm.export.model_dir import (ExportError, SpecialIds, check_state_dict, is_model_dir, load_model_dir,
+                                        prepare_out_dir, recorded_special_ids)
+from hybrid_lm.export.tokenizer import ids_outside_vocab, special_token_ids, write_tokenizer
 from hybrid_lm.export.weights import parse_dtype
 from hybrid_lm.models.config import ModelConfig
 
@@ -36,11 +39,29 @@ def read_source(checkpoint: Path) -> tuple[ModelConfig, dict[str, torch.Tensor],
     return loaded.model_config, loaded.state_dict, tok
 
 
-def _write_generation_config(out_dir: Path, special_ids: dict[str, Optional[int]]) -> None:
+def _write_generation_config(out_dir: Path, special_ids: SpecialIds) -> None:
     from transformers import GenerationConfig
 
     ids = {k: v for k, v in special_ids.items() if v is not None}
     GenerationConfig(**ids).save_pretrained(str(out_dir))
+
+
+def _special_ids(checkpoint: Path, tokenizer_dir: Optional[Path], config: ModelConfig) -> SpecialIds:
+    # an imported model dir recorded the source model's ids; they beat what the tokenizer suggests
+    recorded = recorded_special_ids(checkpoint) if is_model_dir(checkpoint) else None
+    special_ids = special_token_ids(tokenizer_dir, recorded)
+    too_large = ids_outside_vocab(special_ids, config.vocab_size)
+    if too_large:
+        origin = f"the ids recorded in {checkpoint} at import" if recorded else f"tokenizer in {tokenizer_dir}"
+        raise ExportError(f"{origin} does not fit the model: {too_large} outside the model's "
+                          f"vocab_size={config.vocab_size} (was the run trained with another tokenizer?)")
+    return special_ids
+
+
+def _warn_no_tokenizer(checkpoint: Path, out_dir: Path) -> None:
+    print(f"[export] warning: {checkpoint} carries no tokenizer.json, so {out_dir} gets no tokenizer files and "
+          f"AutoTokenizer.from_pretrained({str(out_dir)!r}) will fail; export from a source that has its "
+          f"tokenizer.json, or save the tokenizer the model was trained with into {out_dir}", file=sys.stderr, flush=True)
 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path, *, force: bool = False, dtype: str = "float32",
@@ -49,24 +70,22 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, *, force: bool = False, d
 
     ``target``: ``auto`` (exact native transformers class when one exists, else remote code),
     ``native`` (refuse without one), or an adapter name (``llama``, ``mamba2``, ``bamba``, ``remote``).
-    Returns ``out_dir``.
+    Returns ``out_dir``. Without a tokenizer in the source, warns and writes no tokenizer files.
     """
     out_dir = Path(out_dir)
     torch_dtype = parse_dtype(dtype)
     config, state_dict, tokenizer_dir = read_source(checkpoint)
     check_state_dict(config, state_dict)
     adapter = select(config, target)
-    special_ids = special_token_ids(tokenizer_dir)
-    too_large = {k: v for k, v in special_ids.items() if v is not None and v >= config.vocab_size}
-    if too_large:
-        raise ExportError(f"tokenizer in {tokenizer_dir} does not fit the model: {too_large} outside the model's "
-                          f"vocab_size={config.vocab_size} (was the run trained with another tokenizer?)")
+    special_ids = _special_ids(Path(checkpoint), tokenizer_dir, config)
     prepare_out_dir(out_dir, force)
-    write_tokenizer(tokenizer_dir, out_dir)
+    tokenizer_kind = write_tokenizer(tokenizer_dir, out_dir, special_ids)
+    if tokenizer_kind is None:
+        _warn_no_tokenizer(Path(checkpoint), out_dir)
     adapter.write(out_dir, config, state_dict, dtype=torch_dtype, max_shard_size=max_shard_size,
                   special_ids=special_ids)
     _write_generation_config(out_dir, special_ids)
     (out_dir / "hybrid_lm_export.json").write_text(json.dumps(
         {"source": str(Path(checkpoint).resolve()), "adapter": adapter.name, "hf_class": adapter.hf_class,
-         "layer_pattern": config.layer_pattern, "dtype": dtype}, indent=2) + "\n")
+         "layer_pattern": config.layer_pattern, "dtype": dtype, "tokenizer": tokenizer_kind}, indent=2) + "\n")
     return out_dir

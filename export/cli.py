@@ -6,6 +6,8 @@
 
 The result loads with ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` (add
 ``trust_remote_code=True`` for remote-code exports) and ``AutoTokenizer.from_pretrained(OUT_DIR)``.
+A source that cannot be exported (not a checkpoint, a corrupt file, weights that disagree with their
+config, ...) prints one line naming the problem and exits 1.
 """
 from __future__ import annotations
 
@@ -26,17 +28,37 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="auto | native | llama | mamba2 | bamba | remote (default: auto)")
 
 
+def _refusals() -> tuple[type[Exception], ...]:
+    """The project's own error types: their messages name the file and the problem for the user,
+    so they print as one line rather than a traceback (anything else is a bug and keeps its trace)."""
+    from hybrid_lm.data.errors import DataError
+
+    types: list[type[Exception]] = [ExportError, ValueError, FileNotFoundError, DataError]
+    try:
+        from hybrid_lm.train.checkpoint import CheckpointError
+    except ImportError:  # a model-only dir exports without the training engine
+        return tuple(types)
+    return (*types, CheckpointError)
+
+
+def _summary(args: argparse.Namespace, out: Path) -> str:
+    import json
+
+    info = json.loads((out / "hybrid_lm_export.json").read_text())
+    tokenizer = {"hf": "tokenizer files copied from the source", "hybrid-lm": "the run's tokenizer",
+                 "bare": "tokenizer.json wrapped for AutoTokenizer",
+                 None: "NO TOKENIZER (AutoTokenizer.from_pretrained will fail on it)"}[info.get("tokenizer")]
+    return f"exported {args.checkpoint} -> {out} as {info['hf_class']} ({info['dtype']}); tokenizer: {tokenizer}"
+
+
 def main(args: argparse.Namespace) -> int:
     from hybrid_lm.export.api import export_checkpoint
 
     try:
         out = export_checkpoint(args.checkpoint, args.out_dir, force=args.force, dtype=args.dtype,
                                 max_shard_size=args.max_shard_size, target=args.target)
-    except (ExportError, ValueError, FileNotFoundError) as exc:
+    except _refusals() as exc:
         print(f"hybrid-lm export: error: {exc}", file=sys.stderr)
         return 1
-    import json
-
-    info = json.loads((out / "hybrid_lm_export.json").read_text())
-    print(f"exported {args.checkpoint} -> {out} as {info['hf_class']} ({info['dtype']})")
+    print(_summary(args, out))
     return 0

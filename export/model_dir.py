@@ -5,6 +5,9 @@ Layout (what ``hybrid-lm import`` writes and ``train.init_from`` / ``hybrid-lm e
     model.safetensors    our parameter names (``embed.weight``, ``blocks.{i}.layer.*``, ...)
     model_config.json    the ModelConfig as plain data (``typed_config.to_dict``)
     tokenizer.json       optional, copied from the tokenizer dir given at save time
+    tokenizer_config.json, special_tokens_map.json, ...   optional, the rest of an HF tokenizer
+                         folder (``hybrid-lm import`` copies them unchanged; see HF_TOKENIZER_FILES)
+    special_token_ids.json   optional, bos/eos/pad ids the import read from the source model
 
 Tied embeddings are stored once (safetensors refuses shared storage); ``load_model_dir`` puts
 ``lm_head.weight`` back so the state dict has the same keys as ``HybridLM.state_dict()``.
@@ -14,7 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,6 +28,12 @@ from hybrid_lm.typed_config import from_dict, to_dict
 WEIGHTS = "model.safetensors"
 CONFIG = "model_config.json"
 TOKENIZER = "tokenizer.json"
+#: the files of a transformers tokenizer folder besides tokenizer.json; copied verbatim so the
+#: export tokenizes exactly as the source did (named specials, added tokens, chat template)
+HF_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                      "chat_template.jinja", "chat_template.json")
+SPECIAL_IDS = "special_token_ids.json"
+SpecialIds = dict[str, Union[int, list[int], None]]
 
 
 class ExportError(ValueError):
@@ -48,8 +57,12 @@ def prepare_out_dir(out: Path, force: bool) -> None:
 
 
 def save_model_dir(out: Path, config: ModelConfig, state_dict: dict[str, torch.Tensor],
-                   tokenizer_dir: Optional[Path] = None, *, force: bool = False) -> Path:
-    """Write ``state_dict`` (our names) and ``config`` to ``out``; returns ``out``."""
+                   tokenizer_dir: Optional[Path] = None, *, force: bool = False,
+                   special_ids: Optional[SpecialIds] = None) -> Path:
+    """Write ``state_dict`` (our names) and ``config`` to ``out``; returns ``out``.
+
+    The tokenizer files of ``tokenizer_dir`` are copied when it has a ``tokenizer.json``;
+    ``special_ids`` (bos/eos/pad of the source model) are recorded for ``hybrid-lm export``."""
     out = Path(out)
     check_state_dict(config, state_dict)
     prepare_out_dir(out, force)
@@ -59,8 +72,21 @@ def save_model_dir(out: Path, config: ModelConfig, state_dict: dict[str, torch.T
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
     (out / CONFIG).write_text(json.dumps(to_dict(config), indent=2) + "\n")
     if tokenizer_dir is not None and (Path(tokenizer_dir) / TOKENIZER).is_file():
-        shutil.copyfile(Path(tokenizer_dir) / TOKENIZER, out / TOKENIZER)
+        for name in (TOKENIZER, *HF_TOKENIZER_FILES):
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copyfile(Path(tokenizer_dir) / name, out / name)
+    if special_ids is not None:
+        (out / SPECIAL_IDS).write_text(json.dumps(special_ids, indent=2) + "\n")
     return out
+
+
+def recorded_special_ids(path: Path) -> Optional[SpecialIds]:
+    """The bos/eos/pad ids a model-only dir recorded at import, or None (not imported, or older)."""
+    record = Path(path) / SPECIAL_IDS
+    if not record.is_file():
+        return None
+    ids = json.loads(record.read_text())
+    return {key: ids.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
 
 
 def load_model_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Optional[Path]]:
@@ -69,7 +95,10 @@ def load_model_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Op
     if not is_model_dir(path):
         raise ExportError(f"{path}: not a model-only directory (needs {CONFIG} and {WEIGHTS})")
     config = from_dict(ModelConfig, json.loads((path / CONFIG).read_text()), "model")
-    state = load_file(str(path / WEIGHTS))
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except Exception as exc:  # safetensors raises its own type, and its message does not name the file
+        raise ExportError(f"{path / WEIGHTS}: cannot read ({exc}); truncated or not a safetensors file") from exc
     if config.tie_embeddings and "lm_head.weight" not in state and "embed.weight" in state:
         state["lm_head.weight"] = state["embed.weight"]
     check_state_dict(config, state)

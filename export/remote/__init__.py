@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from hybrid_lm.export.model_dir import SpecialIds
 from hybrid_lm.export.remote.vendor import vendor
 from hybrid_lm.export.weights import cast, save_sharded
 from hybrid_lm.models.common.registry import get_layer_spec
@@ -41,7 +42,7 @@ def family_modules(config: ModelConfig) -> list[str]:
 
 
 def write_remote(out_dir: Path, config: ModelConfig, state_dict: dict[str, torch.Tensor], *,
-                 dtype: torch.dtype, max_shard_size: int | str, special_ids: dict[str, int | None]) -> None:
+                 dtype: torch.dtype, max_shard_size: int | str, special_ids: SpecialIds) -> None:
     """Code, ``config.json`` and weights of a remote-code export into ``out_dir`` (existing, empty)."""
     out_dir = Path(out_dir)
     stems = vendor(CORE_MODULES + family_modules(config), out_dir)
@@ -87,6 +88,6 @@ class RemoteAdapter:
         return None
 
     def write(self, out_dir: Path, config: ModelConfig, state_dict: dict[str, torch.Tensor], *,
-              dtype: torch.dtype, max_shard_size: int | str, special_ids: dict[str, int | None]) -> None:
+              dtype: torch.dtype, max_shard_size: int | str, special_ids: SpecialIds) -> None:
         write_remote(out_dir, config, state_dict, dtype=dtype, max_shard_size=max_shard_size,
                      special_ids=special_ids)

@@ -88,3 +88,20 @@ def test_import_refuses_tensors_that_disagree_with_config(tmp_path, capsys):
     assert cli_main(["import", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 1
     err = capsys.readouterr().err
     assert "blocks.0.layer.o_proj.weight" in err and "blocks.3.layer.up_proj.weight" in err
+
+
+def test_import_without_out_dir_writes_into_the_working_directory(tmp_path, monkeypatch, capsys):
+    from hybrid_lm.export.import_cli import default_out_dir
+
+    _hf_llama(tmp_path / "models" / "tiny-llama")
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["import", str(tmp_path / "models" / "tiny-llama")]) == 0
+    assert "-> tiny-llama-hybrid-lm" in capsys.readouterr().out
+    load_model_dir(tmp_path / "tiny-llama-hybrid-lm")
+    assert not (tmp_path / "models" / "tiny-llama-hybrid-lm").exists()  # never beside the source
+    # a second run refuses to overwrite it, as with an explicit OUT_DIR
+    assert cli_main(["import", str(tmp_path / "models" / "tiny-llama")]) == 1
+    assert "not empty" in capsys.readouterr().err
+    # a Hub cache snapshot is named by its repo, not its commit hash
+    snapshot = tmp_path / "hub" / "models--org--tiny-llama" / "snapshots" / "0123abcd"
+    assert default_out_dir(snapshot) == default_out_dir(tmp_path / "models" / "tiny-llama")

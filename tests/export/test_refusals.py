@@ -61,3 +61,49 @@ def test_check_state_dict_accepts_tied_head_once(tmp_path):
         assert "embed.weight" in str(exc)
     else:
         raise AssertionError("missing embedding was accepted")
+
+
+def _one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("hybrid-lm export: error: ")
+    return lines[0]
+
+
+def test_folder_that_is_not_a_checkpoint_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not a checkpoint")
+    assert cli_main(["export", str(tmp_path / "notes"), str(tmp_path / "out")]) == 1
+    assert "neither a checkpoint" in _one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_with_a_corrupt_file_is_refused_in_one_line(tmp_path, capsys):
+    """The completeness marker is verified before anything is read, so a hand-made step dir with a
+    marker exercises the same refusal as a trained one (training one would take seconds)."""
+    from hybrid_lm.train.checkpoint import layout
+
+    ckpt = tmp_path / "run" / "checkpoints" / layout.step_dir_name(1)
+    (ckpt / "ds").mkdir(parents=True)
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "ds" / "mp_rank_00_model_states.pt").write_bytes(b"weights" * 100)
+    layout.write_marker(ckpt, {"step": 1, "zero_stage": 0})
+    (ckpt / "ds" / "mp_rank_00_model_states.pt").write_bytes(b"weights" * 50)  # truncated after the save
+    assert cli_main(["export", str(ckpt), str(tmp_path / "out")]) == 1
+    line = _one_line_error(capsys.readouterr().err)
+    assert "mp_rank_00_model_states.pt" in line and "sha256 mismatch" in line
+    # a run dir whose only checkpoint is corrupt: the fallback search finds none
+    assert cli_main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 1
+    assert "no complete checkpoint" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_dir_with_a_corrupt_file_is_refused_in_one_line(tmp_path, capsys):
+    src, _ = save_tiny(tmp_path, "llama")
+    (src / "tokenizer.json").write_text('{"truncated": ')
+    assert cli_main(["export", str(src), str(tmp_path / "out")]) == 1
+    assert "tokenizer.json: cannot load tokenizer" in _one_line_error(capsys.readouterr().err)
+    (src / "model.safetensors").write_bytes(b"\x00" * 16)
+    assert cli_main(["export", str(src), str(tmp_path / "out")]) == 1
+    assert "model.safetensors: cannot read" in _one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
