@@ -70,6 +70,9 @@ def deepspeed_config(cfg: ParallelConfig, *, micro_batch_size: int, world_size: 
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": False},
+        # DeepSpeed insists on its own compiled CPUAdam under offload; ours (SkippableAdamW: the
+        # NaN skip, decoupled decay groups) runs on the offloaded fp32 master weights as well
+        "zero_force_ds_cpu_optimizer": False,
     }
 
 
