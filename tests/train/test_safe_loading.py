@@ -73,26 +73,21 @@ VICTIMS = [(0, "mp_rank_*_model_states.pt"), (1, "*optim_states.pt"), (2, "*opti
            (2, "mp_rank_*_model_states.pt"), (3, "*optim_states.pt"), (3, "*model_states.pt")]
 
 
+# both ways into a checkpoint: resume through DeepSpeed's engine, and consolidation (export, eval, init_from)
+ENTRY_POINTS = {"resume": lambda run_dir, stage: _run(run_dir, steps=4, zero_stage=stage),
+                "load_model_state": lambda run_dir, stage: load_model_state(run_dir)}
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
 @pytest.mark.parametrize("raw", [False, True], ids=["torch-zip", "raw-pickle"])
 @pytest.mark.parametrize("stage,victim_glob", VICTIMS)
-def test_forged_deepspeed_file_is_refused_on_resume(runs, tmp_path, stage, victim_glob, raw):
+def test_forged_deepspeed_file_is_refused(runs, tmp_path, stage, victim_glob, raw, entry):
     run_dir, ckpt = _copy(runs, stage, tmp_path)
     marker = tmp_path / "pwned"
     victim = _plant(ckpt, victim_glob, marker, raw=raw)
     with pytest.raises(CheckpointError, match=rf"{victim.name}: refusing to unpickle"):
-        _run(run_dir, steps=4, zero_stage=stage)
-    assert not marker.exists(), "the payload ran during resume"
-
-
-@pytest.mark.parametrize("raw", [False, True], ids=["torch-zip", "raw-pickle"])
-@pytest.mark.parametrize("stage,victim_glob", VICTIMS)
-def test_forged_deepspeed_file_is_refused_by_load_model_state(runs, tmp_path, stage, victim_glob, raw):
-    run_dir, ckpt = _copy(runs, stage, tmp_path)
-    marker = tmp_path / "pwned"
-    victim = _plant(ckpt, victim_glob, marker, raw=raw)
-    with pytest.raises(CheckpointError, match=rf"{victim.name}: refusing to unpickle"):
-        load_model_state(run_dir)
-    assert not marker.exists(), "the payload ran during load_model_state"
+        ENTRY_POINTS[entry](run_dir, stage)
+    assert not marker.exists(), f"the payload ran during {entry}"
 
 
 @pytest.mark.parametrize("stage,victim_glob", [(0, "mp_rank_*_model_states.pt"), (2, "*optim_states.pt"),
