@@ -1,6 +1,7 @@
 """Shard writer: corpus -> tokenized WebDataset ``.tar`` shards + ``tokenizer.json`` + manifest.
 
-Documents are tokenized in a ``multiprocessing.Pool`` with ordered ``imap``, so the shards are
+Documents stream from the corpus (never all in memory) and are tokenized in a
+``multiprocessing.Pool`` with ordered ``imap``, a bounded batch at a time, so the shards are
 byte-identical for any worker count. Each document (eos appended) is one sample::
 
     <key>.tokens.npy   (n,) uint16 (uint32 when the vocab exceeds 65536)
@@ -15,7 +16,9 @@ manifest that points at incomplete shards.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
+import itertools
 import multiprocessing as mp
 import os
 import shutil
@@ -103,15 +106,24 @@ def _encode(text: str) -> np.ndarray:
     return np.append(_TOK.encode_array(text), _TOK.eos_id)
 
 
+# documents in flight per worker: the pool sees one batch at a time, so memory stays bounded by
+# the batch, not the corpus (Pool.imap would otherwise read its whole input ahead)
+BATCH_PER_WORKER = 256
+
+
 def encode_parallel(tok: Tokenizer, texts: Iterable[str], workers: int) -> Iterator[np.ndarray]:
-    """Each text's ids + eos, in input order, using ``workers`` processes (<= 1: in-process)."""
+    """Each text's ids + eos, in input order, using ``workers`` processes (<= 1: in-process).
+
+    ``texts`` is read lazily, ``workers * BATCH_PER_WORKER`` at a time."""
     if workers <= 1:
         _init_worker(tok.hf.to_str())
         yield from map(_encode, texts)
         return
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    texts = iter(texts)
     with ctx.Pool(workers, initializer=_init_worker, initargs=(tok.hf.to_str(),)) as pool:
-        yield from pool.imap(_encode, texts, chunksize=8)
+        while batch := list(itertools.islice(texts, workers * BATCH_PER_WORKER)):
+            yield from pool.imap(_encode, batch, chunksize=8)
 
 
 def make_tokenizer(spec: str, input_spec: str, vocab_size: int, max_docs: Optional[int],
@@ -140,14 +152,24 @@ def build_shards(input: str = corpus.STDLIB, out: Union[str, Path] = "artifacts/
     old = _previous_outputs(out)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else make_tokenizer(tokenizer, input, vocab_size, max_docs, max_bytes)
 
-    docs = list(corpus.iter_documents(input, max_docs, max_bytes))
-    if not docs:
+    # streamed, never listed: a corpus larger than memory goes through in bounded batches
+    docs = corpus.iter_documents(input, max_docs, max_bytes)
+    first = next(docs, None)
+    if first is None:
         raise DataError(f"input {input!r} ({corpus.describe(input)}) has no non-empty documents")
+    docs = itertools.chain([first], docs)
     from tqdm import tqdm
 
-    bar = tqdm(total=len(docs), unit="doc", desc="tokenize", disable=not progress, dynamic_ncols=True)
-    encoded = encode_parallel(tok, (d.text for d in docs), workers)
-    items = ((d.index, d.source, ids) for d, ids in zip(docs, encoded))
+    bar = tqdm(total=max_docs, unit="doc", desc="tokenize", disable=not progress, dynamic_ncols=True)
+    # the documents' index and source wait here while their text is in the pool; imap keeps order
+    pending: collections.deque[corpus.Document] = collections.deque()
+
+    def texts() -> Iterator[str]:
+        for d in docs:
+            pending.append(d)
+            yield d.text
+
+    items = ((d.index, d.source, ids) for ids in encode_parallel(tok, texts(), workers) for d in [pending.popleft()])
     source = {"input": input, "description": corpus.describe(input), "max_docs": max_docs, "max_bytes": max_bytes}
     try:
         return write_token_shards(out, tok, items, shard_tokens=shard_tokens, val_fraction=val_fraction, seed=seed,

@@ -15,7 +15,7 @@ from hybrid_lm.data.corpus import iter_documents
 from hybrid_lm.data.loader import build_loader
 from hybrid_lm.data.manifest import load_manifest
 from hybrid_lm.data.tokenizer import Tokenizer
-from hybrid_lm.data.writer import build_shards
+from hybrid_lm.data.writer import BATCH_PER_WORKER, build_shards, encode_parallel
 
 
 def _cli(*args):
@@ -28,6 +28,26 @@ def test_output_identical_for_any_worker_count(tmp_path):
     a = build_shards("stdlib", tmp_path / "a", workers=1, **kw)
     b = build_shards("stdlib", tmp_path / "b", workers=2, **kw)
     assert a["splits"] == b["splits"]  # names, counts and sha256 of every shard
+
+
+def test_encoding_reads_the_corpus_lazily():
+    """The writer streams: before the first document comes back, at most one batch of texts has
+    been read from the corpus, whatever its size (a list of all documents would not fit for a
+    pretraining corpus), and the order is the input order."""
+    tok = Tokenizer.from_spec("byte")
+    for workers in (1, 2):
+        read = []
+
+        def corpus():
+            for i in range(10 * 2 * BATCH_PER_WORKER):
+                read.append(i)
+                yield f"doc {i}"
+
+        out = encode_parallel(tok, corpus(), workers)
+        first = next(out)
+        assert len(read) <= workers * BATCH_PER_WORKER
+        assert tok.decode(first[:-1].tolist()) == "doc 0"
+        assert [tok.decode(ids[:-1].tolist()) for ids in itertools.islice(out, 3)] == ["doc 1", "doc 2", "doc 3"]
 
 
 def test_samples_hold_documents(tmp_path):
