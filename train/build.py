@@ -40,24 +40,31 @@ def tokenizer_file(data_cfg: Any) -> Optional[Path]:
     return path if path.is_file() else None
 
 
-def check_tokenizer_fits(model_cfg: ModelConfig, tokenizer: Optional[Path]) -> None:
+def check_tokenizer_fits(model_cfg: ModelConfig, tokenizer: Optional[Path], data_dir: Optional[Path] = None) -> None:
     """The tokenizer next to the shards must be the one their manifest records (``DataError``
     naming both), and the token ids it can produce must be rows of the embedding (a larger model
-    vocab is fine: padding the vocab to a multiple of 64 is common). Runs before the model is
-    built, so a mismatch costs no start-up time."""
-    if tokenizer is None:
-        return
+    vocab is fine: padding the vocab to a multiple of 64 is common). Without a ``tokenizer.json``
+    the vocab size recorded in ``data_dir``'s manifest is checked instead. Runs before the model
+    is built, so a mismatch costs no start-up time."""
     from hybrid_lm.data import manifest
     from hybrid_lm.data.tokenizer import Tokenizer
     from hybrid_lm.typed_config import ConfigError
 
-    if (tokenizer.parent / manifest.FILE_NAME).is_file():
-        base = str(tokenizer.parent)
-        manifest.check_tokenizer_file(manifest.load_manifest(base), base)
-    vocab = Tokenizer.load(tokenizer).vocab_size
+    if tokenizer is not None:
+        if (tokenizer.parent / manifest.FILE_NAME).is_file():
+            base = str(tokenizer.parent)
+            manifest.check_tokenizer_file(manifest.load_manifest(base), base)
+        vocab, source = Tokenizer.load(tokenizer).vocab_size, str(tokenizer)
+    elif data_dir is not None and (data_dir / manifest.FILE_NAME).is_file():
+        recorded = manifest.load_manifest(str(data_dir)).get("tokenizer", {}).get("vocab_size")
+        if recorded is None:
+            return
+        vocab, source = int(recorded), f"{data_dir / manifest.FILE_NAME}, no tokenizer.json beside it"
+    else:
+        return
     if vocab > model_cfg.vocab_size:
         raise ConfigError(f"model.vocab_size: {model_cfg.vocab_size} is smaller than the tokenizer's {vocab} ids "
-                          f"({tokenizer})")
+                          f"({source})")
 
 
 def _init_state_dict(source: Path, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:

@@ -91,7 +91,7 @@ def train(cfg: JobConfig, *, make_loader: Optional[LoaderFactory] = None) -> Tra
     info = D.init_distributed(cfg.parallel.timeout_s)
     make_loader = make_loader or default_loader_factory(cfg.data)
     run_dir, ckpt_root, tok = Path(cfg.train.run_dir), cfg.checkpoint_dir, tokenizer_file(cfg.data)
-    check_tokenizer_fits(cfg.model, tok)
+    check_tokenizer_fits(cfg.model, tok, data_dir=Path(cfg.data.path) if cfg.data.path else None)
     resume_from = manager.find_resume(cfg.train.resume, ckpt_root)
     model = build_model(cfg.model, seed=cfg.train.seed, init_from=cfg.train.init_from, resuming=resume_from is not None)
     optimizer = build_optimizer(model, cfg.optim)

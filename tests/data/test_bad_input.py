@@ -108,6 +108,18 @@ def test_training_start_up_checks_the_tokenizer_file_before_the_model(synthetic)
         check_tokenizer_fits(ModelConfig(vocab_size=512), tok)
 
 
+def test_without_a_tokenizer_file_the_manifest_vocab_must_fit_the_model(synthetic):
+    from hybrid_lm.models.config import ModelConfig
+    from hybrid_lm.train.build import check_tokenizer_fits
+    from hybrid_lm.typed_config import ConfigError
+
+    path, _ = synthetic([40] * 30, shard_tokens=400)
+    (path / "tokenizer.json").unlink()
+    check_tokenizer_fits(ModelConfig(vocab_size=258), None, data_dir=path)
+    with pytest.raises(ConfigError, match=r"model.vocab_size: 200 is smaller than the tokenizer's 258 ids .*manifest.json"):
+        check_tokenizer_fits(ModelConfig(vocab_size=200), None, data_dir=path)
+
+
 def test_reserialized_tokenizer_json_is_the_same_tokenizer(synthetic, cfg_for):
     # only the bytes differ (indentation, key order): the canonical fingerprint still matches
     path, _ = synthetic([40] * 30, shard_tokens=400)
