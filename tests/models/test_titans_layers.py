@@ -22,8 +22,9 @@ def small_config(pattern: str = "T-") -> ModelConfig:
     return cfg
 
 
-def build(letter: str, seed: int = 0):
+def build(letter: str, seed: int = 0, chunk_size: int = 2, segment_len: int = 4):
     cfg = small_config()
+    cfg.titans.chunk_size, cfg.titans.segment_len = chunk_size, segment_len
     if letter == "D3":
         letter, cfg.atlas.deep_transformer.omega_window = "D", 3
     torch.manual_seed(seed)
@@ -62,8 +63,13 @@ def test_packed_documents_equal_separate(letter: str) -> None:
 
 
 @pytest.mark.parametrize("letter", LETTERS)
-def test_step_equals_parallel_forward(letter: str) -> None:
-    layer, x = build(letter), inputs()
+@pytest.mark.parametrize("chunk,segment", [(2, 4), (1, 3), (3, 6), (4, 8)], ids=lambda v: str(v))
+def test_step_equals_parallel_forward(letter: str, chunk: int, segment: int) -> None:
+    """Token-by-token decoding is the sequential form of every layer: the chunk-start weights,
+    the partial chunk and (MAC) the partial segment travel in the state, so it must equal the
+    chunked parallel forward for any chunk and segment size (MAC: segments hold whole chunks),
+    over 11 tokens (no multiple of either)."""
+    layer, x = build(letter, chunk_size=chunk, segment_len=segment), inputs()
     y, _ = layer(x)
     state = layer.init_state(2, device=x.device, dtype=x.dtype)
     outs = []
