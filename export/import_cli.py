@@ -75,7 +75,10 @@ def import_hf(hf_dir: Path, out_dir: Path, *, force: bool = False) -> tuple[Mode
     from transformers import AutoConfig
 
     # through transformers, so legacy keys are normalised (rope_scaling -> rope_parameters, inf floats)
-    hf_config = AutoConfig.from_pretrained(str(hf_dir)).to_dict()
+    try:
+        hf_config = AutoConfig.from_pretrained(str(hf_dir)).to_dict()
+    except Exception as exc:  # transformers' validators raise their own classes, not ValueError
+        raise ExportError(f"{hf_dir / 'config.json'}: transformers rejects it: {exc}") from exc
     config = adapter.from_hf_config(hf_config)
     state = adapter.from_hf(config, _read_hf_state(hf_dir))
     if config.tie_embeddings and "lm_head.weight" not in state:
@@ -109,7 +112,8 @@ def main(args: argparse.Namespace) -> int:
     out_dir = args.out_dir if args.out_dir is not None else default_out_dir(args.hf_dir)
     try:
         config, out = import_hf(args.hf_dir, out_dir, force=args.force)
-    except (ExportError, ValueError, KeyError) as exc:
+    # OSError: transformers' AutoConfig reports an unreadable config.json or folder as one
+    except (ExportError, ValueError, KeyError, OSError) as exc:
         print(f"hybrid-lm import: error: {exc}", file=sys.stderr)
         return 1
     print(f"imported {args.hf_dir} -> {out} (layer_pattern {config.layer_pattern!r}, d_model {config.d_model})")

@@ -77,6 +77,21 @@ def test_import_refuses_mlp_bias_and_unknown_model_type(tmp_path, capsys):
     assert "cannot import model_type 'gpt2'" in capsys.readouterr().err
 
 
+def test_import_refuses_a_config_transformers_rejects_in_one_line(tmp_path, capsys):
+    _hf_llama(tmp_path / "hf")
+    capsys.readouterr()  # the source's own save progress bar
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["hidden_size"] = cfg["num_attention_heads"] * 3 + 1  # not a multiple of the heads
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    assert cli_main(["import", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hybrid-lm import: error: ") and "config.json: transformers rejects it" in err
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "llama",')
+    assert cli_main(["import", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 1
+    assert capsys.readouterr().err.startswith("hybrid-lm import: error: ")
+    assert not (tmp_path / "ours").exists()
+
+
 def test_import_refuses_tensors_that_disagree_with_config(tmp_path, capsys):
     from safetensors.torch import save_file
 
