@@ -16,7 +16,6 @@ manifest that points at incomplete shards.
 """
 from __future__ import annotations
 
-import collections
 import hashlib
 import itertools
 import multiprocessing as mp
@@ -24,7 +23,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar, Union
 
 import numpy as np
 
@@ -106,24 +105,36 @@ def _encode(text: str) -> np.ndarray:
     return np.append(_TOK.encode_array(text), _TOK.eos_id)
 
 
-# documents in flight per worker: the pool sees one batch at a time, so memory stays bounded by
-# the batch, not the corpus (Pool.imap would otherwise read its whole input ahead)
+# documents per worker in one batch; two batches are in flight (one tokenizing while the other is
+# written), so memory stays bounded by them, not by the corpus (a single Pool.imap over the whole
+# corpus would read all of it ahead)
 BATCH_PER_WORKER = 256
 
+T = TypeVar("T")
 
-def encode_parallel(tok: Tokenizer, texts: Iterable[str], workers: int) -> Iterator[np.ndarray]:
-    """Each text's ids + eos, in input order, using ``workers`` processes (<= 1: in-process).
 
-    ``texts`` is read lazily, ``workers * BATCH_PER_WORKER`` at a time."""
+def encode_parallel(tok: Tokenizer, items: Iterable[T], workers: int,
+                    text: Callable[[T], str] = str) -> Iterator[tuple[T, np.ndarray]]:
+    """``(item, ids + eos of text(item))`` in input order, using ``workers`` processes (<= 1:
+    in-process). ``items`` is read lazily, ``workers * BATCH_PER_WORKER`` at a time."""
     if workers <= 1:
         _init_worker(tok.hf.to_str())
-        yield from map(_encode, texts)
+        for item in items:
+            yield item, _encode(text(item))
         return
+    items = iter(items)
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    texts = iter(texts)
     with ctx.Pool(workers, initializer=_init_worker, initargs=(tok.hf.to_str(),)) as pool:
-        while batch := list(itertools.islice(texts, workers * BATCH_PER_WORKER)):
-            yield from pool.imap(_encode, batch, chunksize=8)
+
+        def submit() -> tuple[list[T], Iterator[np.ndarray]]:
+            batch = list(itertools.islice(items, workers * BATCH_PER_WORKER))
+            return batch, pool.imap(_encode, [text(item) for item in batch], chunksize=8)
+
+        batch, encoded = submit()
+        while batch:
+            upcoming = submit()  # the pool works on it while this batch is consumed
+            yield from zip(batch, encoded)
+            batch, encoded = upcoming
 
 
 def make_tokenizer(spec: str, input_spec: str, vocab_size: int, max_docs: Optional[int],
@@ -161,15 +172,7 @@ def build_shards(input: str = corpus.STDLIB, out: Union[str, Path] = "artifacts/
     from tqdm import tqdm
 
     bar = tqdm(total=max_docs, unit="doc", desc="tokenize", disable=not progress, dynamic_ncols=True)
-    # the documents' index and source wait here while their text is in the pool; imap keeps order
-    pending: collections.deque[corpus.Document] = collections.deque()
-
-    def texts() -> Iterator[str]:
-        for d in docs:
-            pending.append(d)
-            yield d.text
-
-    items = ((d.index, d.source, ids) for ids in encode_parallel(tok, texts(), workers) for d in [pending.popleft()])
+    items = ((d.index, d.source, ids) for d, ids in encode_parallel(tok, docs, workers, text=lambda d: d.text))
     source = {"input": input, "description": corpus.describe(input), "max_docs": max_docs, "max_bytes": max_bytes}
     try:
         return write_token_shards(out, tok, items, shard_tokens=shard_tokens, val_fraction=val_fraction, seed=seed,

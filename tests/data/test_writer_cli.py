@@ -31,8 +31,8 @@ def test_output_identical_for_any_worker_count(tmp_path):
 
 
 def test_encoding_reads_the_corpus_lazily():
-    """The writer streams: before the first document comes back, at most one batch of texts has
-    been read from the corpus, whatever its size (a list of all documents would not fit for a
+    """The writer streams: before the first document comes back, at most two batches of texts
+    have been read from the corpus, whatever its size (a list of all documents would not fit for a
     pretraining corpus), and the order is the input order."""
     tok = Tokenizer.from_spec("byte")
     for workers in (1, 2):
@@ -44,10 +44,12 @@ def test_encoding_reads_the_corpus_lazily():
                 yield f"doc {i}"
 
         out = encode_parallel(tok, corpus(), workers)
-        first = next(out)
-        assert len(read) <= workers * BATCH_PER_WORKER
-        assert tok.decode(first[:-1].tolist()) == "doc 0"
-        assert [tok.decode(ids[:-1].tolist()) for ids in itertools.islice(out, 3)] == ["doc 1", "doc 2", "doc 3"]
+        text, first = next(out)
+        assert len(read) <= 2 * workers * BATCH_PER_WORKER  # two batches in flight at most
+        assert text == tok.decode(first[:-1].tolist()) == "doc 0"
+        assert [(t, tok.decode(ids[:-1].tolist())) for t, ids in itertools.islice(out, 3)] == [
+            ("doc 1", "doc 1"), ("doc 2", "doc 2"), ("doc 3", "doc 3")]
+        assert sum(1 for _ in out) == len(read) - 4 == 10 * 2 * BATCH_PER_WORKER - 4  # nothing lost at batch edges
 
 
 def test_samples_hold_documents(tmp_path):
