@@ -15,6 +15,7 @@ The coefficients are shared across heads (our choice; the paper does not say).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections import Counter
@@ -35,6 +36,16 @@ def poly_feature_dim(dim: int, degree: int, form: PolyForm = "tensor") -> int:
     raise ValueError(f"polynomial form must be 'tensor' or 'monomial', got {form!r}")
 
 
+@functools.lru_cache(maxsize=None)
+def monomial_table(dim: int, degree: int) -> tuple[list[tuple[int, ...]], list[int]]:
+    """Index tuples i1 <= ... <= i_degree of the distinct degree-``degree`` monomials, and each
+    one's multinomial count: the number of orderings of its tuple, whose square root makes the
+    monomial block's dot product that of the dim**degree-entry tensor power."""
+    combos = list(itertools.combinations_with_replacement(range(dim), degree))
+    mult = [math.factorial(degree) // math.prod(math.factorial(n) for n in Counter(t).values()) for t in combos]
+    return combos, mult
+
+
 class PolynomialFeatures(nn.Module):
     def __init__(self, dim: int, degree: int, form: PolyForm = "tensor") -> None:
         super().__init__()
@@ -43,17 +54,21 @@ class PolynomialFeatures(nn.Module):
         self.dim, self.degree, self.form = dim, degree, form
         self.coeffs = nn.Parameter(torch.empty(degree + 1))
         self.out_dim = poly_feature_dim(dim, degree, form)
-        if form == "monomial":
-            for i in range(2, degree + 1):
-                combos = list(itertools.combinations_with_replacement(range(dim), i))
-                # sqrt(multinomial): the number of orderings of each index tuple, so that the
-                # monomial block has the same dot product as the d^i-entry tensor power
-                mult = [math.factorial(i) // math.prod(math.factorial(n) for n in Counter(t).values()) for t in combos]
-                # not persistent: derived from (dim, degree), so checkpoints hold only coeffs;
-                # integers, so that the square root is taken in the input's precision
-                self.register_buffer(f"index{i}", torch.tensor(combos, dtype=torch.long), persistent=False)
-                self.register_buffer(f"mult{i}", torch.tensor(mult, dtype=torch.long), persistent=False)
+        # the monomial tables, per (degree, device), built on first use: derived from (dim, degree),
+        # so checkpoints hold only coeffs; not buffers, because loaders that build the model on the
+        # meta device (transformers) refill non-persistent buffers with uninitialised memory
+        self._tables: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self.reset_parameters()
+
+    def _monomials(self, i: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index (n, i), mult (n,)) of the degree-``i`` monomials, on ``device``."""
+        key = (i, device)
+        if key not in self._tables:
+            combos, mult = monomial_table(self.dim, i)
+            # integers, so that the square root is taken in the input's precision
+            self._tables[key] = (torch.tensor(combos, dtype=torch.long, device=device),
+                                 torch.tensor(mult, dtype=torch.long, device=device))
+        return self._tables[key]
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -64,7 +79,7 @@ class PolynomialFeatures(nn.Module):
         parts = [self.coeffs[0] * torch.ones_like(x[..., :1]), self.coeffs[1] * x]
         if self.form == "monomial":
             for i in range(2, self.degree + 1):
-                index, mult = getattr(self, f"index{i}"), getattr(self, f"mult{i}")
+                index, mult = self._monomials(i, x.device)
                 mono = x[..., index[:, 0]]
                 for m in range(1, i):  # products of gathers: prod()'s backward divides by the factors
                     mono = mono * x[..., index[:, m]]
