@@ -9,6 +9,7 @@ module is found through the registry and vendored with everything it imports.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -49,8 +50,14 @@ def write_remote(out_dir: Path, config: ModelConfig, state_dict: dict[str, torch
     lines = ['"""Names every vendored hybrid-lm file so transformers copies them with the model code."""']
     lines += [f"from .{stem} import __name__ as _{stem}  # noqa: F401" for stem in stems]
     (out_dir / "vendored_files.py").write_text("\n".join(lines) + "\n")
-    for name in ("configuration_hybrid_lm.py", "modeling_hybrid_lm.py"):
-        shutil.copyfile(TEMPLATE / name, out_dir / name)
+    shutil.copyfile(TEMPLATE / "modeling_hybrid_lm.py", out_dir / "modeling_hybrid_lm.py")
+    # transformers keeps one config class per content of this file and, once a model class is
+    # registered for it, reuses that class for every later folder with the same config file: two
+    # exports with different layer families in one process would build the second with the first
+    # one's code. A fingerprint of the model code makes the file differ exactly when the code does.
+    code = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in sorted(out_dir.glob("*.py"))))
+    (out_dir / "configuration_hybrid_lm.py").write_text(
+        (TEMPLATE / "configuration_hybrid_lm.py").read_text() + f"\n# model code sha256: {code.hexdigest()}\n")
 
     weights = {PREFIX + k: v for k, v in state_dict.items()}
     if config.tie_embeddings:
@@ -62,7 +69,7 @@ def write_remote(out_dir: Path, config: ModelConfig, state_dict: dict[str, torch
         "model_type": "hybrid_lm",
         "auto_map": {"AutoConfig": "configuration_hybrid_lm.HybridLMConfig",
                      "AutoModelForCausalLM": "modeling_hybrid_lm.HybridLMForCausalLM"},
-        "hybrid_lm": to_dict(config),
+        "hybrid_lm": portable_config_dict(config),
         "vocab_size": config.vocab_size,
         "hidden_size": config.d_model,
         "num_hidden_layers": config.n_blocks,
@@ -72,6 +79,16 @@ def write_remote(out_dir: Path, config: ModelConfig, state_dict: dict[str, torch
         **special_ids,
     }
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+
+
+def portable_config_dict(config: ModelConfig) -> dict:
+    """The model config as the export records it, with kernel choices reset to ``auto``: a backend
+    forced on the training machine (flash-attn, mamba_ssm) is a property of that machine, not of
+    the model, and would make the export refuse to run where the kernel is not installed."""
+    data = to_dict(config)
+    for section in ("attention", "mamba2"):
+        data[section]["backend"] = "auto"
+    return data
 
 
 class RemoteAdapter:

@@ -24,6 +24,10 @@ CASES = {
     "bamba": {"layer_pattern": "M-A-"},
     "remote_titans": {"layer_pattern": "M-G-A-", "titans": {"chunk_size": 4, "window": 8}},
     "remote_window": {"layer_pattern": "MA-", "attention": {"n_heads": 4, "n_kv_heads": 2, "window": 6}},
+    # ATLAS and DeepTransformer with the monomial feature layout, whose index tables are derived
+    # at run time (a loader building on the meta device must not leave them uninitialised)
+    "remote_atlas": {"layer_pattern": "X-D-A-", "titans": {"n_heads": 2, "chunk_size": 4},
+                     "atlas": {"poly_form": "monomial", "deep_transformer": {"poly_form": "monomial"}}},
 }
 
 

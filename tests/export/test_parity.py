@@ -9,12 +9,13 @@ import json
 
 import pytest
 import torch
-from export_helpers import CASES, prompt, save_tiny
+from export_helpers import CASES, SMALL, prompt, save_tiny
 
 from hybrid_lm.export.api import export_checkpoint
 
 EXPECTED_CLASS = {"llama": "LlamaForCausalLM", "mamba2": "Mamba2ForCausalLM", "bamba": "BambaForCausalLM",
-                  "remote_titans": "HybridLMForCausalLM", "remote_window": "HybridLMForCausalLM"}
+                  "remote_titans": "HybridLMForCausalLM", "remote_window": "HybridLMForCausalLM",
+                  "remote_atlas": "HybridLMForCausalLM"}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -44,6 +45,39 @@ def test_export_matches_logits_and_greedy_tokens(tmp_path, case):
     assert tok("hi")["input_ids"] == [104, 105]
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["eos_token_id"] == 256 and gen["pad_token_id"] == 257
+
+
+def test_two_remote_exports_with_different_families_load_in_one_process(tmp_path):
+    """transformers caches one config class per configuration file and reuses the model class
+    registered for it; the second folder (its own layer letters) must still run its own code."""
+    from transformers import AutoModelForCausalLM
+
+    for case in ("remote_atlas", "remote_window"):  # X/D/A, then M/A: the first lacks Mamba-2
+        src, model = save_tiny(tmp_path / case, case)
+        out = export_checkpoint(src, tmp_path / case / "hf")
+        hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(hf(prompt()).logits, model(prompt()).logits, rtol=0, atol=1e-5)
+
+
+def test_remote_export_does_not_carry_forced_kernels(tmp_path):
+    """A backend forced for training (flash-attn, mamba_ssm kernels) belongs to that machine: the
+    export records ``auto``, so the folder runs where those kernels are not installed."""
+    from transformers import AutoModelForCausalLM
+
+    src, model = save_tiny(tmp_path, "remote_window", attention={"n_heads": 4, "n_kv_heads": 2, "window": 6,
+                                                                 "backend": "flash"},
+                           mamba2={**SMALL["mamba2"], "backend": "mamba_ssm"})
+    out = export_checkpoint(src, tmp_path / "hf")
+    recorded = json.loads((out / "config.json").read_text())["hybrid_lm"]
+    assert recorded["attention"]["backend"] == recorded["mamba2"]["backend"] == "auto"
+    assert recorded["attention"]["window"] == 6  # the rest of the section is the model's
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    model.config.attention.backend, model.config.mamba2.backend = "auto", "auto"
+    ours = type(model)(model.config).eval()
+    ours.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(hf(prompt()).logits, ours(prompt()).logits, rtol=0, atol=1e-5)
 
 
 def test_bfloat16_export_and_shards(tmp_path):
