@@ -39,30 +39,22 @@ def _check_common(section: Union[AtlasConfig, DeepTransformerConfig], where: str
         raise ValueError(f"ModelConfig.{where}.poly_form: 'tensor' or 'monomial', got {section.poly_form!r}")
 
 
-def atlas_spec(config: "ModelConfig", **overrides: object) -> MemorySpec:
+def atlas_spec(config: "ModelConfig") -> MemorySpec:
     """MemorySpec of layer ``X`` from ``config.atlas`` (+ ``config.titans``)."""
     a = config.atlas
     _check_common(a, "atlas")
     if a.optimizer not in ("muon", "momentum"):
         raise ValueError(f"ModelConfig.atlas.optimizer: 'muon' or 'momentum', got {a.optimizer!r}")
-    kw: dict[str, object] = dict(
-        omega_window=a.omega_window, poly_degree=a.poly_degree, poly_form=a.poly_form,
-        ns_steps=a.ns_steps if a.optimizer == "muon" else 0,
-    )
-    kw.update(overrides)
-    return memory_spec(config, **kw)
+    return memory_spec(config, omega_window=a.omega_window, poly_degree=a.poly_degree, poly_form=a.poly_form,
+                       ns_steps=a.ns_steps if a.optimizer == "muon" else 0)
 
 
-def deep_transformer_spec(config: "ModelConfig", **overrides: object) -> MemorySpec:
+def deep_transformer_spec(config: "ModelConfig") -> MemorySpec:
     """MemorySpec of layer ``D`` from ``config.atlas.deep_transformer`` (+ ``config.titans``)."""
     d = config.atlas.deep_transformer
     _check_common(d, "atlas.deep_transformer")
-    kw: dict[str, object] = dict(
-        omega_window=d.omega_window, poly_degree=d.poly_degree, poly_form=d.poly_form,
-        ns_steps=0, bias="dot", momentum=d.momentum, decay=d.decay,
-    )
-    kw.update(overrides)
-    return memory_spec(config, **kw)
+    return memory_spec(config, omega_window=d.omega_window, poly_degree=d.poly_degree, poly_form=d.poly_form,
+                       ns_steps=0, bias="dot", momentum=d.momentum, decay=d.decay)
 
 
 @register_layer("X", "atlas", "ATLAS memory layer: Omega rule, polynomial features, Muon inner optimiser")

@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+# spelled out in models/atlas/config.py too: the config layer stays free of torch
 PolyForm = Literal["tensor", "monomial"]
 
 
