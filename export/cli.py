@@ -28,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="auto | native | llama | mamba2 | bamba | remote (default: auto)")
 
 
-def _refusals() -> tuple[type[Exception], ...]:
+def refusals() -> tuple[type[Exception], ...]:
     """The project's own error types: their messages name the file and the problem for the user,
     so they print as one line rather than a traceback (anything else is a bug and keeps its trace)."""
     from hybrid_lm.data.errors import DataError
@@ -57,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         out = export_checkpoint(args.checkpoint, args.out_dir, force=args.force, dtype=args.dtype,
                                 max_shard_size=args.max_shard_size, target=args.target)
-    except _refusals() as exc:
+    except refusals() as exc:
         print(f"hybrid-lm export: error: {exc}", file=sys.stderr)
         return 1
     print(_summary(args, out))

@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from hybrid_lm.export.cli import refusals
 from hybrid_lm.export.model_dir import (HF_TOKENIZER_FILES, TOKENIZER, ExportError, check_state_dict, prepare_out_dir,
                                         save_model_dir)
 from hybrid_lm.export.tokenizer import source_special_ids
@@ -112,8 +113,8 @@ def main(args: argparse.Namespace) -> int:
     out_dir = args.out_dir if args.out_dir is not None else default_out_dir(args.hf_dir)
     try:
         config, out = import_hf(args.hf_dir, out_dir, force=args.force)
-    # OSError: transformers' AutoConfig reports an unreadable config.json or folder as one
-    except (ExportError, ValueError, KeyError, OSError) as exc:
+    # KeyError: a tensor the adapter expects is missing from the source
+    except (*refusals(), KeyError) as exc:
         print(f"hybrid-lm import: error: {exc}", file=sys.stderr)
         return 1
     print(f"imported {args.hf_dir} -> {out} (layer_pattern {config.layer_pattern!r}, d_model {config.d_model})")

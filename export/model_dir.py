@@ -72,12 +72,17 @@ def save_model_dir(out: Path, config: ModelConfig, state_dict: dict[str, torch.T
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
     (out / CONFIG).write_text(json.dumps(to_dict(config), indent=2) + "\n")
     if tokenizer_dir is not None and (Path(tokenizer_dir) / TOKENIZER).is_file():
-        for name in (TOKENIZER, *HF_TOKENIZER_FILES):
-            if (Path(tokenizer_dir) / name).is_file():
-                shutil.copyfile(Path(tokenizer_dir) / name, out / name)
+        copy_tokenizer_files(Path(tokenizer_dir), out)
     if special_ids is not None:
         (out / SPECIAL_IDS).write_text(json.dumps(special_ids, indent=2) + "\n")
     return out
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """Copy a fast tokenizer's files (``tokenizer.json`` and its HF companions) unchanged."""
+    for name in (TOKENIZER, *HF_TOKENIZER_FILES):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
 
 
 def recorded_special_ids(path: Path) -> Optional[SpecialIds]:

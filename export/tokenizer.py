@@ -23,14 +23,13 @@ package's eos/pad (``hybrid-lm``), well-known names such as ``</s>`` (``bare``).
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from hybrid_lm.export.model_dir import HF_TOKENIZER_FILES, TOKENIZER, ExportError, SpecialIds
+from hybrid_lm.export.model_dir import TOKENIZER, ExportError, SpecialIds, copy_tokenizer_files
 
 KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -158,9 +157,7 @@ def write_tokenizer(tokenizer_dir: Optional[Path], out_dir: Path, special_ids: S
     kind = tokenizer_kind(tokenizer_dir)
     out_dir = Path(out_dir)
     if kind == "hf":
-        for name in (TOKENIZER, *HF_TOKENIZER_FILES):
-            if (Path(tokenizer_dir) / name).is_file():
-                shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
+        copy_tokenizer_files(Path(tokenizer_dir), out_dir)
     elif kind == "bare":
         _wrap_bare(Path(tokenizer_dir), out_dir, special_ids)
     elif kind == "hybrid-lm":
