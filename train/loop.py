@@ -83,7 +83,7 @@ def _train_step(engine, optimizer, batches, state: TrainerState, guard: NanGuard
 
 
 def _periodic_eval_due(cfg: EvalConfig, step: int) -> bool:
-    return bool(cfg.hooks) and cfg.every > 0 and step % cfg.every == 0
+    return cfg.every > 0 and step % cfg.every == 0
 
 
 def train(cfg: JobConfig, *, make_loader: Optional[LoaderFactory] = None) -> TrainResult:
@@ -116,6 +116,8 @@ def train(cfg: JobConfig, *, make_loader: Optional[LoaderFactory] = None) -> Tra
     result = TrainResult(step=state.step, state=state)
 
     def evaluate() -> None:
+        if not cfg.eval.hooks:
+            return
         ctx = EvalContext(make_val_loader=lambda: make_loader("val", info.rank, info.world_size), device=info.device,
                           step=state.step, reduce=lambda s, c: tuple(D.all_reduce_sum([s, c], info.device)))
         scores = run_evals(engine.module, cfg.eval, ctx)
@@ -131,7 +133,7 @@ def train(cfg: JobConfig, *, make_loader: Optional[LoaderFactory] = None) -> Tra
 
     if rng is not None:
         manager.apply_rng(rng)  # last: nothing built above may shift the restored streams
-    elif cfg.train.eval_at_start and cfg.eval.hooks:
+    elif cfg.train.eval_at_start:
         evaluate()
     engine.train()
     batches = iter(loader)
@@ -169,7 +171,7 @@ def train(cfg: JobConfig, *, make_loader: Optional[LoaderFactory] = None) -> Tra
             every = cfg.checkpoint.every
             if stop_requested or done or (every > 0 and state.step % every == 0):
                 checkpoint()
-            if done and cfg.eval.hooks:
+            if done:
                 evaluate()
             if stop_requested:
                 result.stopped_by_signal = True
