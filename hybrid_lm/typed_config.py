@@ -75,6 +75,13 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         key_tp, val_tp = get_args(tp) or (Any, Any)
         return {_convert(k, key_tp, path): _convert(v, val_tp, f"{path}.{k}") for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML implements YAML 1.1, whose floats need a dot: ``lr: 3e-3`` and the override
+            # ``optim.lr=1e-3`` arrive as strings although every user means a float
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{path}: expected float, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected float, got {value!r}")
         return float(value)

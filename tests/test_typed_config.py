@@ -64,3 +64,30 @@ def test_load_yaml_and_toml(tmp_path):
     assert load_file(tmp_path / "a.yaml") == load_file(tmp_path / "a.toml")
     with pytest.raises(ConfigError, match="does not exist"):
         load_file(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("text", ["1e-3", "3E-3", " 1e-3 ", "+2.5e-4", ".5"])
+def test_float_fields_accept_the_floats_people_write(tmp_path, text):
+    """PyYAML follows YAML 1.1, whose floats need a dot: ``lr: 3e-3`` and the override ``lr=1e-3``
+    arrive as strings; a float field takes any string ``float()`` parses (and ints, and tuples of them)."""
+    expected = float(text)
+    cfg = from_dict(Outer, apply_overrides({}, [f"lr={text}", f"span=[{text}, 2]"]))
+    assert cfg.lr == expected and isinstance(cfg.lr, float) and cfg.span == (expected, 2.0)
+    (tmp_path / "a.yaml").write_text(f"lr: {text}\n")
+    assert from_dict(Outer, load_file(tmp_path / "a.yaml")).lr == expected
+
+
+@pytest.mark.parametrize("value", ["fast", "", "1e-3x", [1.0], None])
+def test_float_fields_still_refuse_what_is_not_a_number(value):
+    with pytest.raises(ConfigError, match="lr: (expected float|may not be null)"):
+        from_dict(Outer, {"lr": value})
+
+
+def test_cli_override_of_lr_in_exponent_form(capsys):
+    from pathlib import Path
+
+    from hybrid_lm.cli import main as cli_main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"
+    assert cli_main(["train", str(config), "optim.lr=1e-3", "--print-config"]) == 0
+    assert '"lr": 0.001' in capsys.readouterr().out
