@@ -168,12 +168,43 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return result
 
 
+def _syntax_error(path: Path, exc: Exception) -> ConfigError:
+    """One line ``config file PATH:LINE:COL: problem`` for a YAML, TOML or JSON parser error
+    (their own messages span several lines, or bury the position in the text)."""
+    import re
+
+    line = col = None
+    problem = str(exc)
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:  # PyYAML: 0-based marks, the problem and its context as separate fields
+        line, col = mark.line + 1, mark.column + 1
+        problem = exc.problem or problem  # type: ignore[attr-defined]
+        if getattr(exc, "context", None):
+            problem = f"{problem} ({exc.context})"  # type: ignore[attr-defined]
+    elif getattr(exc, "lineno", None) is not None and getattr(exc, "colno", None) is not None:
+        line, col = exc.lineno, exc.colno  # type: ignore[attr-defined]
+        problem = getattr(exc, "msg", problem)
+    else:  # tomllib before 3.14 (and tomli) put "(at line L, column C)" into the message only
+        found = re.search(r"\s*\(at line (\d+), column (\d+)\)", problem)
+        if found:
+            line, col = int(found.group(1)), int(found.group(2))
+            problem = problem[: found.start()] + problem[found.end():]
+    problem = " ".join(problem.split())
+    where = f"{path}:{line}:{col}" if line is not None else str(path)
+    return ConfigError(f"config file {where}: {problem}")
+
+
 def load_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML (.yaml/.yml), TOML (.toml) or JSON config file into a dict."""
+    """Read a YAML (.yaml/.yml), TOML (.toml) or JSON config file into a dict; a file that does not
+    parse raises ConfigError naming its line and column."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                          f"{exc.start})") from None
     if path.suffix == ".toml":
         import sys
 
@@ -184,13 +215,17 @@ def load_file(path: str | Path) -> dict[str, Any]:
                 import tomli as tomllib  # type: ignore[no-redef]
             except ModuleNotFoundError as exc:
                 raise ConfigError(f"config file {path}: TOML on Python < 3.11 needs tomli (pip install 'tomli>=2')") from exc
-        data = tomllib.loads(text)
+        parse, errors = tomllib.loads, (tomllib.TOMLDecodeError,)
     elif path.suffix == ".json":
-        data = json.loads(text)
+        parse, errors = json.loads, (json.JSONDecodeError,)
     else:
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        parse, errors = (lambda t: yaml.safe_load(t) or {}), (yaml.YAMLError,)
+    try:
+        data = parse(text)
+    except errors as exc:
+        raise _syntax_error(path, exc) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return data

@@ -91,3 +91,25 @@ def test_cli_override_of_lr_in_exponent_form(capsys):
     config = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"
     assert cli_main(["train", str(config), "optim.lr=1e-3", "--print-config"]) == 0
     assert '"lr": 0.001' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, text, where", [
+    ("bad.yaml", "model:\n  d_model: 64\n bad: [1\n", ":3:2: "),
+    ("bad.yml", "train:\n  steps: 5\n  seed: {a: 1\n", ":4:1: "),
+    ("tab.yaml", "train:\n\tsteps: 5\n", ":2:1: "),
+    ("bad.toml", "[train]\nsteps = 5\n[model\n", ":3:7: "),
+    ("bad.json", '{"train": {"steps": 5,}}', ":1:23: "),
+    ("latin1.yaml", "train:\n  run_dir: caf\xe9\n", "not UTF-8"),
+], ids=["yaml-indent", "yaml-unclosed", "yaml-tab", "toml", "json", "not-utf8"])
+def test_malformed_config_file_is_one_line_naming_file_line_and_column(tmp_path, capsys, name, text, where):
+    from hybrid_lm.cli import main as cli_main
+
+    path = tmp_path / name
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ConfigError) as exc:
+        load_file(path)
+    assert f"{path}{where}" in str(exc.value) if where.startswith(":") else where in str(exc.value)
+    assert "\n" not in str(exc.value)
+    assert cli_main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and "Traceback" not in err, err
