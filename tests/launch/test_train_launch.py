@@ -1,0 +1,54 @@
+"""The real trainer under the launchers: ``hybrid-lm train`` as two "nodes" on loopback through
+launch/multinode.sh gives the same losses as one node with two processes.
+
+Both layouts have world size 2 with the same global ranks, so every rank reads the same batches
+and the gloo all-reduces add the same two numbers: the losses must be bitwise equal, not close.
+(One process with gradient_accumulation=2 is no reference here: the loader splits the token
+stream by rank, so a single rank reads other batches.)
+"""
+from pathlib import Path
+import subprocess
+
+import pytest
+
+import train_runs
+from distributed_utils import free_port, run_torchrun
+
+LAUNCH = train_runs.ROOT / "launch"
+STEPS = 6
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def one_node_two_procs(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Plain ``torchrun --nproc_per_node 2 -m hybrid_lm.cli train``: the reference run."""
+    run_dir = tmp_path_factory.mktemp("one-node") / "run"
+    result = run_torchrun(["-m", "hybrid_lm.cli", "train", str(train_runs.CONFIG),
+                           *train_runs.overrides(shards, run_dir, STEPS)], nproc=2, env=train_runs.launch_env(),
+                          timeout_s=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir
+
+
+def test_multinode_trainer_two_nodes_match_one_node(shards, one_node_two_procs, tmp_path):
+    run_dir = tmp_path / "run"
+    env = train_runs.launch_env(NNODES="2", NPROC="1", RDZV_ENDPOINT=f"127.0.0.1:{free_port()}",
+                                LOCAL_ADDR="127.0.0.1", RDZV_ID=tmp_path.name, MAX_RESTARTS="0")
+    argv = ["bash", str(LAUNCH / "multinode.sh"), str(train_runs.CONFIG), *train_runs.overrides(shards, run_dir, STEPS)]
+    nodes = [subprocess.Popen(argv, env=dict(env, NODE_RANK=str(node)), cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=180)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], "\n----\n".join(o[-3000:] for o in outputs)
+    two_nodes, reference = train_runs.step_logs(run_dir), train_runs.step_logs(one_node_two_procs)
+    assert sorted(two_nodes) == list(range(1, STEPS + 1))
+    assert [two_nodes[s]["train/tokens"] for s in two_nodes] == [
+        s * 2 * train_runs.TOKENS_PER_RANK_STEP for s in range(1, STEPS + 1)]
+    assert {s: r["train/loss"] for s, r in two_nodes.items()} == train_runs.step_losses(one_node_two_procs)
+    ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert sorted(p.name for p in ckpt.glob("rank-*.json")) == ["rank-00000.json", "rank-00001.json"]
