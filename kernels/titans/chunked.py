@@ -40,13 +40,13 @@ partial chunks to the chunk grid; a chunk holding only padding keeps the anchor 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from hybrid_lm.kernels.atlas.newton_schulz import newton_schulz
-from hybrid_lm.kernels.titans.memory_mlp import Bias, memory_forward, memory_grads
+from hybrid_lm.kernels.titans.memory_mlp import Bias, memory_forward, memory_grads, soft_clamp_factor
 from hybrid_lm.kernels.titans.scan import decay_matrix, safe_log
 
 Result = tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[list[torch.Tensor]]]
@@ -81,6 +81,7 @@ def chunked_memory_update(
     residual: bool,
     ns_steps: int = 0,
     bias: Bias = "l2",
+    max_grad_norm: Optional[float] = None,
 ) -> Result:
     """Run the memory over N independent streams of L tokens, chunk by chunk.
 
@@ -90,6 +91,10 @@ def chunked_memory_update(
     k: (N, L, c, d_in) key windows (oldest first), v: (N, L, c, d_out), gamma: (N, L, c) window gates.
     q: (N, L, d_in). theta, eta, alpha: (N, L). valid: (N, L) bool.
     ns_steps: 0 = plain momentum (Titans); > 0 = Muon with that many Newton-Schulz steps.
+    max_grad_norm: soft clamp of every token's per-layer gradient u_t to this Frobenius norm
+        (``memory_mlp.soft_clamp_factor``; None = off). It bounds every write, so with
+        eta <= eta_max < 1 and alpha >= alpha_min > 0 the state stays bounded:
+        ||S_t|| <= max_inner * G / (1 - eta_max) and ||W_t|| <= max(||W_0||, ||S||_max / alpha_min).
 
     Returns y (N, L, d_out), final w and s (per layer, (N, out, in)), and for each chunk the
     per-layer anchor it used (so a caller can recover the anchor of a partial last chunk).
@@ -97,7 +102,7 @@ def chunked_memory_update(
     """
     impl = _materialised if ns_steps > 0 else _closed_form
     return impl(w, s, anchor, k, v, gamma, q, theta, eta, alpha, valid, chunk_size,
-                residual=residual, ns_steps=ns_steps, bias=bias)
+                residual=residual, ns_steps=ns_steps, bias=bias, max_grad_norm=max_grad_norm)
 
 
 def _pad_and_cast(
@@ -127,7 +132,7 @@ def _materialised(
     w: Sequence[torch.Tensor], s: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor], k: torch.Tensor,
     v: torch.Tensor, gamma: torch.Tensor, q: torch.Tensor, theta: torch.Tensor, eta: torch.Tensor,
     alpha: torch.Tensor, valid: torch.Tensor, chunk_size: int, *, residual: bool, ns_steps: int = 0,
-    bias: Bias = "l2",
+    bias: Bias = "l2", max_grad_norm: Optional[float] = None,
 ) -> Result:
     """``chunked_memory_update`` with the b per-token weights of each chunk formed explicitly.
 
@@ -142,7 +147,7 @@ def _materialised(
     for start in range(0, k.size(1), b):
         sl = slice(start, start + b)
         anchors.append(anc)
-        grads = memory_grads(anc, k[:, sl], v[:, sl], gamma[:, sl], residual, bias)
+        grads = memory_grads(anc, k[:, sl], v[:, sl], gamma[:, sl], residual, bias, max_grad_norm)
         d_mom, p_mom = decay_matrix(eta[:, sl])  # (N, b, b), (N, b)
         d_dec, p_dec = decay_matrix(1.0 - alpha[:, sl])
         coef = -inner[:, sl]
@@ -203,11 +208,30 @@ def _decay_flushed(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return d_t.mT, log_a.cumsum(dim=-1).clamp_min(log_floor).exp()
 
 
+def _clamp_columns(dz_t: torch.Tensor, h_t: torch.Tensor, c: int, max_norm: float) -> torch.Tensor:
+    """(N, 1, b*c) soft-clamp factors of the per-token gradients sum_j dz_{i,j} h_{i,j}^T.
+
+    dz_t (N, out, b*c), h_t (N, in, b*c), window entries of a token adjacent. The Frobenius norm
+    comes from the Gram matrices over the window, ||sum_j dz_j h_j^T||^2 = sum_{j,j'} (dz_j.dz_j')
+    (h_j.h_j'), so no gradient matrix is formed.
+    """
+    n = dz_t.size(0)
+    if c == 1:
+        norm_sq = dz_t.square().sum(dim=1) * h_t.square().sum(dim=1)
+    else:
+        dz = dz_t.view(n, dz_t.size(1), -1, c)
+        h = h_t.view(n, h_t.size(1), -1, c)
+        gram = torch.einsum("nobi,nobj->nbij", dz, dz) * torch.einsum("nobi,nobj->nbij", h, h)
+        norm_sq = gram.sum(dim=(-1, -2))
+    factor = soft_clamp_factor(norm_sq, max_norm)
+    return (factor.repeat_interleave(c, dim=-1) if c > 1 else factor)[:, None, :]
+
+
 def _closed_form(
     w: Sequence[torch.Tensor], s: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor], k: torch.Tensor,
     v: torch.Tensor, gamma: torch.Tensor, q: torch.Tensor, theta: torch.Tensor, eta: torch.Tensor,
     alpha: torch.Tensor, valid: torch.Tensor, chunk_size: int, *, residual: bool, ns_steps: int = 0,
-    bias: Bias = "l2",
+    bias: Bias = "l2", max_grad_norm: Optional[float] = None,
 ) -> Result:
     """Plain-momentum ``chunked_memory_update`` by the closed-form read (module docstring)."""
     if ns_steps > 0:
@@ -283,6 +307,9 @@ def _closed_form(
         for l in range(depth - 1, 0, -1):
             dz_t = torch.ops.aten.gelu_backward(torch.bmm(anc[l].mT, dz_t), zs_t[l - 1])
             dzs_t[l - 1] = dz_t
+        if max_grad_norm is not None:
+            # token i's layer-l gradient is sum_j dz_{i,j} h_{i,j}^T: scaling its dz columns scales it
+            dzs_t = [dz * _clamp_columns(dz, h, c, max_grad_norm) for dz, h in zip(dzs_t, hs_t)]
         # read after write through the closed form, layer by layer, then the chunk's final state;
         # baddbmm_ runs in place on fresh bmm outputs (the out-of-place form copies its input)
         dz = dzs_t[0].mT

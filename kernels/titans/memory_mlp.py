@@ -14,7 +14,7 @@ Tests compare these gradients with ``torch.func.grad``.
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,21 @@ def memory_forward(weights: Sequence[torch.Tensor], x: torch.Tensor, residual: b
     return h + x if residual else h
 
 
+def soft_clamp_factor(norm_sq: torch.Tensor, max_norm: Optional[float]) -> torch.Tensor:
+    """Factor that maps a gradient of squared Frobenius norm ``norm_sq`` to the norm
+    ``max_norm * tanh(norm / max_norm)``.
+
+    Identity for small gradients (factor -> 1), a smooth cap at ``max_norm`` for large ones, and
+    differentiable everywhere, so the outer loop still sees how the write depends on the input.
+    It takes the squared norm so that zero gradients (padding tokens) have a finite derivative:
+    the floor keeps sqrt away from 0, where its derivative is infinite. ``None`` = off (factor 1).
+    """
+    if max_norm is None:
+        return torch.ones_like(norm_sq)
+    norm = norm_sq.clamp_min(1e-30).sqrt()
+    return torch.tanh(norm / max_norm) * (max_norm / norm)
+
+
 def memory_grads(
     weights: Sequence[torch.Tensor],
     k: torch.Tensor,
@@ -57,6 +72,7 @@ def memory_grads(
     gamma: torch.Tensor,
     residual: bool,
     bias: Bias = "l2",
+    max_grad_norm: Optional[float] = None,
 ) -> list[torch.Tensor]:
     """Per-token gradients of the windowed inner loss at shared weights.
 
@@ -66,6 +82,8 @@ def memory_grads(
 
     weights[l]: (N, out_l, in_l); k: (N, b, c, d_in); v: (N, b, c, d_out); gamma: (N, b, c)
     (c = Omega window, 1 for Titans). Returns one (N, b, out_l, in_l) tensor per layer.
+    ``max_grad_norm``: soft-clamp each token's gradient of each layer to this Frobenius norm
+    (``soft_clamp_factor``), after the window sum.
     """
     n, b, c, d_in = k.shape
     flat_k = k.reshape(n, b * c, d_in)
@@ -91,6 +109,8 @@ def memory_grads(
         h_in = hs[l]
         # sum over the window entries of each token: (N, b, out, c) @ (N, b, c, in)
         grads[l] = dz.reshape(n, b, c, -1).transpose(-1, -2) @ h_in.reshape(n, b, c, -1)
+        if max_grad_norm is not None:
+            grads[l] = grads[l] * soft_clamp_factor(grads[l].flatten(-2).square().sum(-1), max_grad_norm)[..., None, None]
         if l > 0:
             dz = (dz @ weights[l]) * _gelu_grad(zs[l - 1])
     return grads

@@ -7,7 +7,7 @@ tokens); the benchmark uses it as the baseline.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -34,6 +34,7 @@ def sequential_memory_update(
     ns_steps: int = 0,
     bias: Bias = "l2",
     offset: int = 0,
+    max_grad_norm: Optional[float] = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Same arguments and shapes as ``chunked_memory_update``; ``offset`` = tokens of the current
     chunk already processed before the first token. Returns y, final w, s and anchor."""
@@ -50,7 +51,7 @@ def sequential_memory_update(
     k_t, v_t, g_t, q_t = (x.to(cdt).unbind(1) for x in (k, v, gamma, q))
     eta_t, inner_t, alpha_t, outer_t = (x.unbind(1) for x in (eta, inner, alpha, outer))
     for t in range(theta.size(1)):
-        grads = memory_grads(anc, k_t[t][:, None], v_t[t][:, None], g_t[t][:, None], residual, bias)
+        grads = memory_grads(anc, k_t[t][:, None], v_t[t][:, None], g_t[t][:, None], residual, bias, max_grad_norm)
         for l, g in enumerate(grads):
             s[l] = eta_t[t][:, None, None] * s[l] - inner_t[t][:, None, None] * g[:, 0]
             upd = newton_schulz(s[l], ns_steps) if ns_steps > 0 else s[l]

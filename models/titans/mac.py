@@ -133,7 +133,7 @@ class MemoryAsContext(Layer):
             m, w, s, seg_anchors = chunked_memory_update(
                 w, s, anc, fold["k"], fold["v"], fold["gamma"], fold["q"], fold["theta"], fold["eta"], fold["alpha"],
                 streams.valid[:, sl, None].expand(n, C, H).transpose(1, 2).flatten(0, 1), self.memory.spec.chunk_size,
-                residual=self.memory.residual,
+                residual=self.memory.residual, max_grad_norm=self.memory.spec.max_grad_norm,
             )
             anc = w
             m_out = self.memory.output(m.view(n, H, C, dh).transpose(1, 2).to(x.dtype), y)

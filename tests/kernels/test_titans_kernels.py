@@ -32,11 +32,14 @@ def make_inputs(n=3, length=13, c=1, d=6, depth=2, seed=0):
 @pytest.mark.parametrize("depth", [1, 2], ids=["depth1", "depth2"])
 @pytest.mark.parametrize("chunk", [1, 3, 4, 16], ids=lambda b: f"b{b}")
 @pytest.mark.parametrize("length", [13, 37], ids=lambda t: f"T{t}")
-def test_chunked_equals_sequential(depth: int, chunk: int, length: int) -> None:
+@pytest.mark.parametrize("clamp", [None, 0.05], ids=["noclamp", "clamp"])
+def test_chunked_equals_sequential(depth: int, chunk: int, length: int, clamp: float | None) -> None:
     w, s, k, v, gamma, q, th, et, al, valid = make_inputs(length=length, depth=depth)
     for residual in (False, True):
-        y1, w1, s1, _ = chunked_memory_update(w, s, w, k, v, gamma, q, th, et, al, valid, chunk, residual=residual)
-        y2, w2, s2, _ = sequential_memory_update(w, s, w, k, v, gamma, q, th, et, al, valid, chunk, residual=residual)
+        y1, w1, s1, _ = chunked_memory_update(w, s, w, k, v, gamma, q, th, et, al, valid, chunk, residual=residual,
+                                              max_grad_norm=clamp)
+        y2, w2, s2, _ = sequential_memory_update(w, s, w, k, v, gamma, q, th, et, al, valid, chunk, residual=residual,
+                                                 max_grad_norm=clamp)
         torch.testing.assert_close(y1, y2, atol=1e-10, rtol=1e-10)
         for a, b in zip(w1 + s1, w2 + s2):
             torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
@@ -52,6 +55,11 @@ def test_analytic_grads_match_torch_func(bias: str) -> None:
         return (gg * per).sum()
 
     got = memory_grads(w, k, v, gamma, residual=True, bias=bias)
+    clamped = memory_grads(w, k, v, gamma, residual=True, bias=bias, max_grad_norm=0.5)
+    for a, b in zip(got, clamped):  # the clamp rescales each token's gradient to norm 0.5 tanh(|g| / 0.5)
+        norm = a.flatten(-2).norm(dim=-1)
+        torch.testing.assert_close(b.flatten(-2).norm(dim=-1), 0.5 * torch.tanh(norm / 0.5), atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(b, a * (b.flatten(-2).norm(dim=-1) / norm)[..., None, None], atol=1e-12, rtol=1e-12)
     for i in range(2):
         for t in range(5):
             ref = torch.func.grad(loss)([x[i] for x in w], k[i, t], v[i, t], gamma[i, t])
@@ -192,13 +200,18 @@ def _padded_case(depth: int, c: int, chunk: int, length: int, seed: int = 0) -> 
 @pytest.mark.parametrize("depth", [1, 2, 3], ids=lambda d: f"depth{d}")
 @pytest.mark.parametrize("chunk", [1, 4, 5, 16], ids=lambda b: f"b{b}")
 @pytest.mark.parametrize("window", [1, 3], ids=lambda c: f"c{c}")
-def test_closed_form_equals_materialised(depth: int, chunk: int, window: int) -> None:
-    """The closed-form read (plain momentum) against b materialised weights per chunk, fp64."""
+@pytest.mark.parametrize("clamp", [None, 0.05], ids=["noclamp", "clamp"])
+def test_closed_form_equals_materialised(depth: int, chunk: int, window: int, clamp: float | None) -> None:
+    """The closed-form read (plain momentum) against b materialised weights per chunk, fp64, with
+    and without the per-token gradient soft clamp (which forms no gradient in the closed form)."""
     args = _padded_case(depth, window, chunk, length=23)
     for residual in (False, True):
         for bias in ("l2", "dot"):
-            y1, w1, s1, a1 = _closed_form(*args, residual=residual, bias=bias)
-            y2, w2, s2, a2 = _materialised(*args, residual=residual, bias=bias)
+            y1, w1, s1, a1 = _closed_form(*args, residual=residual, bias=bias, max_grad_norm=clamp)
+            y2, w2, s2, a2 = _materialised(*args, residual=residual, bias=bias, max_grad_norm=clamp)
+            if clamp is not None:  # the clamp must be active here, or the case proves nothing
+                y0 = _materialised(*args, residual=residual, bias=bias)[0]
+                assert (y0 - y2).abs().max() > 1e-3
             torch.testing.assert_close(y1, y2, atol=1e-12, rtol=1e-12)
             assert len(a1) == len(a2) == -(-23 // chunk)
             for x, z in zip(w1 + s1 + sum(a1, []), w2 + s2 + sum(a2, [])):
@@ -220,15 +233,17 @@ def test_closed_form_padding_chunk_keeps_anchor() -> None:
             torch.testing.assert_close(got[l], want[l], atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("clamp", [None, 0.05], ids=["noclamp", "clamp"])
 @pytest.mark.parametrize("bias", ["l2", "dot"])
-def test_closed_form_gradients_equal_materialised(bias: str) -> None:
+def test_closed_form_gradients_equal_materialised(bias: str, clamp: float | None) -> None:
     """Backprop through the closed form gives the materialised path's gradients for every input."""
     base = _padded_case(2, 2, 4, length=11)
 
     def grads(fn) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
         leaves = [[x.clone().requires_grad_() for x in base[i]] for i in range(3)]
         tensors = [x.clone().requires_grad_() for x in base[3:10]]
-        y, w_end, s_end, anchors = fn(*leaves, *tensors, base[10], base[11], residual=True, bias=bias)
+        y, w_end, s_end, anchors = fn(*leaves, *tensors, base[10], base[11], residual=True, bias=bias,
+                                      max_grad_norm=clamp)
         loss = (y ** 2).sum() + sum((x ** 2).sum() for x in w_end + s_end + anchors[-1])
         inputs = sum(leaves, []) + tensors
         return torch.autograd.grad(loss, inputs)
