@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from hybrid_lm.typed_config import require_at_least
+
 
 @dataclass
 class DataConfig:
@@ -36,10 +38,6 @@ class DataConfig:
     tokenizer check for remote shards, whose tokenizer.json is not read)"""
 
     def validate(self) -> None:
-        from hybrid_lm.data.errors import DataError
-
-        for name in ("seq_len", "micro_batch_size"):
-            if getattr(self, name) < 1:
-                raise DataError(f"data.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0:
-            raise DataError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        """Impossible values, checked when a job config is loaded (and again by ``build_loader``)."""
+        require_at_least(self, 1, "seq_len", "micro_batch_size", "prefetch_factor", "expected_vocab_size")
+        require_at_least(self, 0, "num_workers", "seed")  # numpy's generators refuse a negative seed

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -19,6 +20,50 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config that cannot be turned into its typed form; the message names the key."""
+
+
+class InvalidValue(ConfigError):
+    """An impossible value found by a config section's own checks (its ``__post_init__`` or
+    ``validate()``), with ``key`` relative to that section: the section does not know where it
+    sits in the job, so ``from_dict`` re-raises the error under the section's dotted path
+    (``chunk_size`` raised by ``TitansConfig`` becomes ``model.titans.chunk_size``). ``section``
+    only prefixes the message of an object built in code, outside the loader."""
+
+    def __init__(self, key: str, problem: str, *, section: str = "") -> None:
+        self.key, self.problem = key, problem
+        super().__init__(f"{section}.{key}: {problem}" if section else f"{key}: {problem}")
+
+    def under(self, path: str) -> InvalidValue:
+        """The same error, reported at ``path.key``."""
+        return type(self)(f"{path}.{self.key}" if path else self.key, self.problem)
+
+
+def require_at_least(section: Any, minimum: float, *names: str) -> None:
+    """InvalidValue for the first field of ``names`` below ``minimum``, NaN or infinite (None passes:
+    optional fields mean "unset")."""
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and not (value >= minimum and not math.isinf(value)):
+            raise InvalidValue(name, f"must be >= {minimum}, got {value}")
+
+
+def require_positive(section: Any, *names: str) -> None:
+    """InvalidValue for the first field of ``names`` that is not a finite number > 0 (None passes)."""
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and not (value > 0 and not math.isinf(value)):
+            raise InvalidValue(name, f"must be > 0, got {value}")
+
+
+def validate_section(obj: Any, path: str) -> None:
+    """Run ``obj.validate()`` when it has one, reporting an InvalidValue under ``path``; a section
+    uses it to check the sections it holds when it is built in code."""
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except InvalidValue as exc:
+            raise exc.under(path) from None
 
 
 def _type_name(tp: Any) -> str:
@@ -105,7 +150,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    """Build dataclass ``cls`` from ``data``, then run its ``validate()`` if it has one; unknown
+    keys, wrong types and impossible values raise ConfigError naming the dotted key under ``path``."""
     if not isinstance(data, dict):
         raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {data!r}")
     hints = get_type_hints(cls)
@@ -120,7 +166,13 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     for name, value in data.items():
         kwargs[name] = _convert(value, hints[name], f"{path}.{name}" if path else name)
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
+        validate = getattr(obj, "validate", None)
+        if callable(validate):  # a section's own checks of impossible values, run at load
+            validate()
+        return obj
+    except InvalidValue as exc:
+        raise (exc.under(path) if path else exc) from None
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:

@@ -18,14 +18,16 @@ convention as Megatron's hybrid pattern and NemotronH (which write attention as 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, NoReturn, Optional
 
 from hybrid_lm.models.atlas.config import AtlasConfig
 from hybrid_lm.models.titans.config import TitansConfig
+from hybrid_lm.typed_config import InvalidValue, require_at_least, require_positive
 
 
-class ModelConfigError(ValueError):
-    """An impossible model config; the message names the field."""
+class ModelConfigError(InvalidValue):
+    """An impossible model config; the message names the field (``ModelConfig.attention.n_heads``
+    for an object built in code, ``model.attention.n_heads`` when a job config is loaded)."""
 
 
 @dataclass
@@ -45,6 +47,13 @@ class AttentionConfig:
     backend: Literal["auto", "sdpa", "flash"] = "auto"
     """auto uses flash-attn when installed and on CUDA, else PyTorch scaled_dot_product_attention;
     flash insists: the forward raises when flash-attn is missing or the input is not CUDA fp16/bf16"""
+
+    def validate(self) -> None:
+        """Values impossible for any model; the fit with ``d_model`` is ``ModelConfig``'s check."""
+        require_at_least(self, 1, "n_heads", "n_kv_heads", "head_dim", "window")
+        require_positive(self, "rope_base")
+        if self.head_dim is not None and self.head_dim % 2:
+            raise InvalidValue("head_dim", f"RoPE needs an even head dim, got {self.head_dim}")
 
 
 @dataclass
@@ -68,12 +77,25 @@ class Mamba2Config:
     backend: Literal["auto", "torch", "mamba_ssm"] = "auto"
     """auto uses mamba_ssm's kernels when installed and on CUDA, else the PyTorch chunked SSD"""
 
+    def validate(self) -> None:
+        require_at_least(self, 1, "d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size")
+        require_positive(self, "dt_min")
+        if not self.dt_max >= self.dt_min:
+            raise InvalidValue("dt_max", f"must be >= dt_min={self.dt_min}, got {self.dt_max}")
+        require_at_least(self, 0, "dt_init_floor")
+        low, high = self.A_init_range
+        if not 0 < low <= high:  # A = -exp(A_log) is drawn from [low, high]; A_log = log(A) needs A > 0
+            raise InvalidValue("A_init_range", f"need 0 < low <= high, got {list(self.A_init_range)}")
+
 
 @dataclass
 class MLPConfig:
     hidden_size: Optional[int] = None
     """SwiGLU hidden width; None means 8/3 * d_model rounded up to multiple_of"""
     multiple_of: int = 64
+
+    def validate(self) -> None:
+        require_at_least(self, 1, "hidden_size", "multiple_of")
 
 
 @dataclass
@@ -100,14 +122,22 @@ class ModelConfig:
     def n_blocks(self) -> int:
         return len(self.layer_pattern)
 
-    def _fail(self, field_name: str, message: str) -> None:
-        raise ModelConfigError(f"ModelConfig.{field_name}: {message}")
+    def _fail(self, field_name: str, message: str) -> NoReturn:
+        raise ModelConfigError(field_name, message, section="ModelConfig")
 
     def validate(self) -> None:
-        if self.vocab_size <= 0:
-            self._fail("vocab_size", f"must be positive, got {self.vocab_size}")
-        if self.d_model <= 0:
-            self._fail("d_model", f"must be positive, got {self.d_model}")
+        """Every section's own checks, then the shapes that tie them to ``d_model`` and the pattern
+        (only for the families the pattern uses: an unused section's heads need not divide d_model)."""
+        try:
+            require_at_least(self, 1, "vocab_size", "d_model")
+            require_at_least(self, 0, "norm_eps", "init_std")
+        except InvalidValue as exc:
+            self._fail(exc.key, exc.problem)
+        for name in ("attention", "mamba2", "mlp", "titans", "atlas"):
+            try:
+                getattr(self, name).validate()
+            except InvalidValue as exc:
+                self._fail(f"{name}.{exc.key}", exc.problem)
         if not self.layer_pattern:
             self._fail("layer_pattern", "is empty")
         from hybrid_lm.models.common.registry import layer_specs
@@ -119,15 +149,11 @@ class ModelConfig:
                 self._fail("layer_pattern", f"unknown letter {ch!r} at position {i} of {self.layer_pattern!r} (known: {known})")
         att = self.attention
         if "A" in self.layer_pattern or att.window is not None:
-            if att.n_heads <= 0:
-                self._fail("attention.n_heads", f"must be positive, got {att.n_heads}")
             if att.head_dim is None and self.d_model % att.n_heads:
                 self._fail("attention.n_heads", f"{att.n_heads} does not divide d_model={self.d_model}")
             kv = att.n_kv_heads or att.n_heads
-            if kv <= 0 or att.n_heads % kv:
+            if att.n_heads % kv:
                 self._fail("attention.n_kv_heads", f"{kv} does not divide n_heads={att.n_heads}")
-            if att.window is not None and att.window <= 0:
-                self._fail("attention.window", f"must be positive or null, got {att.window}")
             if self.attention_head_dim % 2:
                 self._fail("attention.head_dim", f"RoPE needs an even head dim, got {self.attention_head_dim}")
         if "M" in self.layer_pattern:
@@ -136,12 +162,12 @@ class ModelConfig:
             if d_inner % m.headdim:
                 self._fail("mamba2.headdim", f"{m.headdim} does not divide d_inner = expand*d_model = {d_inner}")
             nheads = d_inner // m.headdim
-            if m.ngroups <= 0 or nheads % m.ngroups:
+            if nheads % m.ngroups:
                 self._fail("mamba2.ngroups", f"{m.ngroups} does not divide the {nheads} SSM heads")
-            if m.chunk_size <= 0:
-                self._fail("mamba2.chunk_size", f"must be positive, got {m.chunk_size}")
-            if not 0 < m.dt_min <= m.dt_max:
-                self._fail("mamba2.dt_min", f"need 0 < dt_min <= dt_max, got {m.dt_min}, {m.dt_max}")
+        try:
+            self.titans.validate_for_model(self.d_model, self.layer_pattern)
+        except InvalidValue as exc:
+            self._fail(f"titans.{exc.key}", exc.problem)
 
     @property
     def attention_head_dim(self) -> int:

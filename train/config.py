@@ -21,7 +21,7 @@ from hybrid_lm.train.checkpoint.manager import CheckpointConfig
 from hybrid_lm.train.evaluation import EvalConfig, resolve_hooks
 from hybrid_lm.train.optim import OptimConfig
 from hybrid_lm.train.parallelize import ParallelConfig
-from hybrid_lm.train.schedules import ScheduleConfig
+from hybrid_lm.train.schedules import ScheduleConfig, build_lr_schedule
 from hybrid_lm.typed_config import ConfigError, apply_overrides, from_dict, load_file, to_dict
 
 
@@ -57,10 +57,18 @@ class TrainConfig:
     """testing aid: the loss of these steps is replaced by NaN to exercise the skip path"""
 
     def __post_init__(self) -> None:
-        if self.steps < 0:
-            raise ConfigError(f"train.steps: must be >= 0, got {self.steps}")
+        if self.steps < 1:
+            raise ConfigError(f"train.steps: must be >= 1, got {self.steps}")
         if self.max_consecutive_nan < 1:
             raise ConfigError(f"train.max_consecutive_nan: must be >= 1, got {self.max_consecutive_nan}")
+        for name in ("grad_clip", "spike_sigma"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ConfigError(f"train.{name}: must be >= 0 (0 disables), got {getattr(self, name)}")
+        if self.spike_window < 1:
+            raise ConfigError(f"train.spike_window: must be >= 1, got {self.spike_window}")
+        if self.stop_at is not None and self.stop_at < 1:
+            # the loop compares it with the step count after each step, so 0 would never stop the run
+            raise ConfigError(f"train.stop_at: must be >= 1 or null, got {self.stop_at}")
 
 
 @dataclass
@@ -69,6 +77,10 @@ class LoggingConfig:
     """log metrics (JSONL, TensorBoard, progress bar) every N steps"""
     tensorboard: bool = True
     """also write TensorBoard events when tensorboard is installed"""
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ConfigError(f"logging.every: must be >= 1, got {self.every}")
 
 
 @dataclass
@@ -82,6 +94,10 @@ class JobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        """The rules that span sections; each section has checked its own values already."""
+        build_lr_schedule(self.schedule, self.train.steps, self.optim.lr)  # warm-up etc. against train.steps
 
     @property
     def checkpoint_dir(self) -> Path:

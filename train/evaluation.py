@@ -75,6 +75,10 @@ class EvalConfig:
             raise ConfigError(f"eval.max_batches: must be >= 1 or null, got {self.max_batches}")
         if any(not 0.0 <= d <= 1.0 for d in self.passkey_depths):
             raise ConfigError(f"eval.passkey_depths: every depth must be in [0, 1], got {self.passkey_depths}")
+        shortest = passkey_min_length()
+        if any(n < shortest for n in self.passkey_lengths):
+            raise ConfigError(f"eval.passkey_lengths: every length must hold the needle and question "
+                              f"(>= {shortest} bytes), got {self.passkey_lengths}")
 
 
 @dataclass
@@ -201,9 +205,21 @@ _FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. T
 _QUESTION = "What is the pass key? The pass key is "
 
 
+_KEYS = range(10000, 100000)  # five digits: every needle has the same length
+
+
+def _needle(key: int) -> str:
+    return f"The pass key is {key}. Remember it. {key} is the pass key. "
+
+
+def passkey_min_length() -> int:
+    """The shortest ``eval.passkey_lengths`` entry: a prompt with no filler."""
+    return len(_needle(_KEYS[0])) + len(_QUESTION)
+
+
 def passkey_prompt(length: int, depth: float, key: int) -> tuple[str, str]:
     """An ASCII prompt of ``length`` bytes hiding ``key`` after ``depth`` of the filler; returns (prompt, answer)."""
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    needle = _needle(key)
     room = length - len(needle) - len(_QUESTION)
     if room < 0:
         raise ConfigError(f"eval.passkey_lengths: {length} is shorter than the needle and question "
@@ -242,7 +258,7 @@ def passkey(model: nn.Module, ctx: EvalContext, cfg: EvalConfig) -> dict[str, fl
     for length in cfg.passkey_lengths:
         correct = 0
         for depth in cfg.passkey_depths:
-            prompt, answer = passkey_prompt(length, depth, rng.randrange(10000, 100000))
+            prompt, answer = passkey_prompt(length, depth, rng.randrange(_KEYS.start, _KEYS.stop))
             ids = torch.tensor([list(prompt.encode("ascii"))], device=ctx.device)
             generated = greedy_continuation(model, ids, len(answer)).tolist()
             correct += bytes(t if t < 256 else 0 for t in generated) == answer.encode("ascii")

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hybrid_lm.typed_config import InvalidValue, require_at_least, require_positive
+
 
 @dataclass
 class OptimConfig:
@@ -29,6 +31,12 @@ class OptimConfig:
     """decoupled (AdamW) decay on matmul weights only"""
     decay_norms_biases_embeddings: bool = False
     """True puts every parameter in the decay group (GPT-2's original behaviour)"""
+
+    def validate(self) -> None:
+        require_positive(self, "lr")
+        require_at_least(self, 0, "eps", "weight_decay")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise InvalidValue("betas", f"each must be in [0, 1), got {list(self.betas)}")
 
 
 class SkippableAdamW(torch.optim.AdamW):

@@ -41,6 +41,8 @@ class ParallelConfig:
             raise ConfigError(f"parallel.gradient_accumulation: must be >= 1, got {self.gradient_accumulation}")
         if self.cpu_offload and self.zero_stage == 0:
             raise ConfigError("parallel.cpu_offload: needs zero_stage >= 1")
+        if not 0 < self.timeout_s < float("inf"):
+            raise ConfigError(f"parallel.timeout_s: must be > 0, got {self.timeout_s}")
 
     def resolved_dtype(self, device: torch.device) -> str:
         if self.dtype != "auto":

@@ -24,7 +24,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Literal, NoReturn, Optional
 
-from hybrid_lm.typed_config import ConfigError
+from hybrid_lm.typed_config import (ConfigError, InvalidValue, require_at_least, require_positive,
+                                  validate_section)
 
 
 @dataclass
@@ -48,34 +49,35 @@ class ScheduleConfig:
     anneal_steps: int = 0
     """infinite: steps of the exponential anneal that ends the run (0 = stay on the plateau)"""
 
+    def validate(self) -> None:
+        """Values impossible for any run; ``build_lr_schedule`` adds the checks against its length."""
+        require_positive(self, "lr")
+        require_at_least(self, 0, "warmup_steps", "cooldown_steps", "anneal_steps")
+        for name in ("min_lr_ratio", "decay_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise InvalidValue(name, f"must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 < self.constant_lr_ratio <= 1.0:
+            raise InvalidValue("constant_lr_ratio", f"must be in (0, 1], got {self.constant_lr_ratio}")
+
 
 def _validate(cfg: ScheduleConfig, total_steps: int, peak: Optional[float]) -> float:
     def fail(name: str, message: str) -> NoReturn:
         raise ConfigError(f"schedule.{name}: {message}")
 
+    validate_section(cfg, "schedule")
     if peak is None:
         fail("lr", "no peak learning rate (set schedule.lr, or pass the optimizer's lr as peak_lr)")
     if not peak > 0:
         fail("lr", f"must be > 0, got {peak}")
     if total_steps < 1:
         raise ConfigError(f"train.steps: must be >= 1, got {total_steps}")
-    if cfg.warmup_steps < 0:
-        fail("warmup_steps", f"must be >= 0, got {cfg.warmup_steps}")
     if cfg.warmup_steps > total_steps:
         fail("warmup_steps", f"{cfg.warmup_steps} exceeds the run's {total_steps} steps")
-    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
-        fail("min_lr_ratio", f"must be in [0, 1], got {cfg.min_lr_ratio}")
     if cfg.kind == "wsd":
-        if not 0.0 <= cfg.decay_fraction <= 1.0:
-            fail("decay_fraction", f"must be in [0, 1], got {cfg.decay_fraction}")
         if cfg.warmup_steps + round(cfg.decay_fraction * total_steps) > total_steps:
             fail("decay_fraction", f"warm-up ({cfg.warmup_steps}) plus the decay "
                  f"({round(cfg.decay_fraction * total_steps)}) exceeds the run's {total_steps} steps")
     if cfg.kind == "infinite":
-        if cfg.cooldown_steps < 0 or cfg.anneal_steps < 0:
-            fail("cooldown_steps" if cfg.cooldown_steps < 0 else "anneal_steps", "must be >= 0")
-        if not 0.0 < cfg.constant_lr_ratio <= 1.0:
-            fail("constant_lr_ratio", f"must be in (0, 1], got {cfg.constant_lr_ratio}")
         if cfg.anneal_steps > 0 and not 0.0 < cfg.min_lr_ratio <= cfg.constant_lr_ratio:
             # an exponential decay cannot reach 0, and must go down from the plateau
             fail("min_lr_ratio", f"the anneal needs 0 < min_lr_ratio <= constant_lr_ratio, got {cfg.min_lr_ratio}")

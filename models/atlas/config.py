@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from hybrid_lm.typed_config import require_at_least, validate_section
+
 # spelled out rather than imported from models/titans/features.py: ModelConfig imports this
 # module, and the config layer stays free of torch and the layer packages
 PolyForm = Literal["tensor", "monomial"]
@@ -30,6 +32,10 @@ class DeepTransformerConfig:
     decay: bool = False
     """True adds the forget gate alpha; the DeepTransformer (like softmax attention) never forgets"""
 
+    def validate(self) -> None:
+        require_at_least(self, 1, "omega_window")
+        require_at_least(self, 0, "poly_degree")
+
 
 @dataclass
 class AtlasConfig:
@@ -51,3 +57,8 @@ class AtlasConfig:
     """Newton-Schulz iterations of the Muon step (5 in practice)"""
     deep_transformer: DeepTransformerConfig = field(default_factory=DeepTransformerConfig)
     """settings of layer ``D``; the fields above are layer ``X``'s only"""
+
+    def validate(self) -> None:
+        require_at_least(self, 1, "omega_window")
+        require_at_least(self, 0, "poly_degree", "ns_steps")
+        validate_section(self.deep_transformer, "deep_transformer")

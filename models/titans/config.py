@@ -44,3 +44,29 @@ class TitansConfig:
     """RoPE base of the attention inside MAC/MAG/MAL"""
     head_dim: Optional[int] = None
     """channels per memory head; None means d_model // n_heads"""
+
+    def validate(self) -> None:
+        """Values impossible for any model (``ModelConfig`` runs this; ``validate_for_model`` checks
+        the fit with d_model and the pattern)."""
+        from hybrid_lm.typed_config import require_at_least, require_positive
+
+        require_at_least(self, 1, "n_heads", "memory_depth", "memory_expansion", "chunk_size", "window",
+                         "segment_len", "head_dim")
+        require_at_least(self, 0, "conv_size", "n_persistent", "theta_max")
+        require_positive(self, "rope_base")
+
+    def validate_for_model(self, d_model: int, layer_pattern: str) -> None:
+        """The shapes this section must fit, for the letters of ``layer_pattern`` that use it: every
+        memory layer (Titans T/C/G/L, ATLAS X/D) splits d_model into ``n_heads`` memory heads, the
+        attention of C/G/L needs an even RoPE head dim d_model / n_heads, and C's segments are whole
+        chunks."""
+        from hybrid_lm.typed_config import InvalidValue
+
+        used = set(layer_pattern)
+        if used & set("TCGLXD") and self.head_dim is None and d_model % self.n_heads:
+            raise InvalidValue("n_heads", f"{self.n_heads} does not divide d_model={d_model}")
+        if used & set("CGL") and (d_model % self.n_heads or (d_model // self.n_heads) % 2):
+            raise InvalidValue("n_heads", f"the attention of layers C/G/L needs an even head dim d_model / n_heads, "
+                                          f"got {d_model} / {self.n_heads}")
+        if "C" in used and self.segment_len % self.chunk_size:
+            raise InvalidValue("segment_len", f"{self.segment_len} is not a multiple of chunk_size={self.chunk_size}")

@@ -40,6 +40,12 @@ class CheckpointConfig:
     allow_tokenizer_change: bool = False
     """resume even though the data's tokenizer.json differs from the checkpoint's"""
 
+    def validate(self) -> None:
+        from hybrid_lm.typed_config import require_at_least
+
+        require_at_least(self, 0, "every")
+        require_at_least(self, 1, "keep")  # the purge keeps the newest complete one whatever keep says
+
 
 def _versions() -> dict[str, str]:
     import deepspeed
