@@ -8,7 +8,8 @@
 
 The config is parsed and validated here, in the launching process, so an unknown key or a wrong
 type fails with its name before any worker (or GPU) is touched. Exit codes: 0 finished or stopped
-by SIGTERM/SIGUSR1 after a checkpoint, 2 bad config, 3 diverged (too many NaN steps).
+by SIGTERM/SIGUSR1 after a checkpoint, 2 bad config, 3 diverged (too many NaN steps), 4 another
+training holds the run dir (the message names its pid and host).
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     from hybrid_lm.train.faults import TrainingDiverged
     from hybrid_lm.train.loop import train
+    from hybrid_lm.train.run_lock import RunDirLocked
 
     try:
         train(cfg)
@@ -59,6 +61,9 @@ def main(args: argparse.Namespace) -> int:
     except TrainingDiverged as exc:
         print(f"hybrid-lm train: {exc}", file=sys.stderr)
         return 3
+    except RunDirLocked as exc:
+        print(f"hybrid-lm train: error: {exc}", file=sys.stderr)
+        return 4
     finally:
         from hybrid_lm.train.distributed import destroy_distributed
 

@@ -35,6 +35,7 @@ from hybrid_lm.train.faults import NanGuard, SpikeGuard, StopSignal
 from hybrid_lm.train.metrics import MetricsLogger, TrainProgress, mfu, peak_flops
 from hybrid_lm.train.optim import build_optimizer, set_lr
 from hybrid_lm.train.parallelize import parallelize
+from hybrid_lm.train.run_lock import exclusive_run
 from hybrid_lm.train.schedules import build_lr_schedule
 
 BATCH_KEYS = ("input_ids", "labels", "doc_ids", "position_ids")
@@ -87,8 +88,17 @@ def _periodic_eval_due(cfg: EvalConfig, step: int) -> bool:
 
 
 def train(cfg: JobConfig, *, make_loader: Optional[LoaderFactory] = None) -> TrainResult:
+    """Train (or resume) ``cfg``; raises RunDirLocked before touching anything when another training
+    holds the run dir (or a checkpoint dir outside it)."""
     resolve_hooks(cfg.eval)  # an unknown hook or a broken plugin fails now, not after the first eval interval
     info = D.init_distributed(cfg.parallel.timeout_s)
+    run_dir, ckpt_root = Path(cfg.train.run_dir), cfg.checkpoint_dir
+    owned = [run_dir] if ckpt_root.resolve().is_relative_to(run_dir.resolve()) else [run_dir, ckpt_root]
+    with exclusive_run(owned, is_main=info.is_main):
+        return _train(cfg, info, make_loader)
+
+
+def _train(cfg: JobConfig, info: D.DistInfo, make_loader: Optional[LoaderFactory]) -> TrainResult:
     make_loader = make_loader or default_loader_factory(cfg.data)
     run_dir, ckpt_root, tok = Path(cfg.train.run_dir), cfg.checkpoint_dir, tokenizer_file(cfg.data)
     check_tokenizer_fits(cfg.model, tok, data_dir=Path(cfg.data.path) if cfg.data.path else None)
