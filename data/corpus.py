@@ -60,8 +60,15 @@ def _read_text(path: Path) -> Optional[str]:
 
 
 def _jsonl_docs(path: Path) -> Iterator[tuple[str, str]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    # bytes, decoded line by line: a text-mode reader fails on a bad byte somewhere in its read-ahead,
+    # so it cannot say which line held it
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
+                                f"re-encode the file (e.g. iconv -f latin1 -t utf-8) or drop the line") from None
             if not line.strip():
                 continue
             try:

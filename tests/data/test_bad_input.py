@@ -158,3 +158,20 @@ def test_existing_output_needs_force(tmp_path):
     on_disk = sorted(p.name for p in out.glob("*.tar"))
     assert on_disk == sorted(s["name"] for sp in m["splits"].values() for s in sp["shards"])
     assert not list(out.glob(".tmp-*"))
+
+
+def test_jsonl_line_that_is_not_utf8_is_refused_naming_file_and_line(tmp_path, capsys):
+    """Like a line that is not JSON: the build stops with one line naming ``file:line`` (it used to
+    die in the text decoder with a traceback, at a line number the decoder's read-ahead hid)."""
+    from hybrid_lm.cli import main as cli_main
+
+    corpus = tmp_path / "c.jsonl"
+    lines = [json.dumps({"text": f"doc {i} " * 20}).encode() for i in range(6)]
+    lines[3] = b'{"text": "caf\xe9 au lait"}'  # latin-1, as some scrapes are
+    corpus.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError, match=r"c\.jsonl:4: not UTF-8 \(byte 0xe9 at column 14\)"):
+        build_shards(str(corpus), tmp_path / "out", progress=False)
+    assert cli_main(["data", "build", "--input", str(corpus), "--out", str(tmp_path / "out2"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "c.jsonl:4: not UTF-8" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out2" / "manifest.json").exists()
