@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from hybrid_lm.data.errors import DataError
 
@@ -36,14 +37,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from hybrid_lm.data.errors import DataWarning
     from hybrid_lm.data.manifest import summary
     from hybrid_lm.data.writer import build_shards
 
-    m = build_shards(args.input, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                     shard_tokens=args.shard_tokens, val_fraction=args.val_fraction, workers=args.workers,
-                     seed=args.seed, max_docs=args.max_docs, max_bytes=args.max_bytes, force=args.force,
-                     progress=not args.quiet)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DataWarning)
+        m = build_shards(args.input, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                         shard_tokens=args.shard_tokens, val_fraction=args.val_fraction, workers=args.workers,
+                         seed=args.seed, max_docs=args.max_docs, max_bytes=args.max_bytes, force=args.force,
+                         progress=not args.quiet)
     print(f"wrote {args.out}\n{summary(m)}", flush=True)
+    for w in caught:  # after the summary, so the last thing on the screen is what to change
+        if issubclass(w.category, DataWarning):
+            print(f"hybrid-lm data: WARNING: {w.message}", file=sys.stderr, flush=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     return 0
 
 

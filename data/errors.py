@@ -10,3 +10,8 @@ from __future__ import annotations
 
 class DataError(RuntimeError):
     """A data-pipeline failure; the message names the offending file and values."""
+
+
+class DataWarning(UserWarning):
+    """A build that worked but will trouble training (an empty val split); ``hybrid-lm data``
+    prints it as one ``WARNING`` line."""

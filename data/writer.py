@@ -21,6 +21,7 @@ import itertools
 import multiprocessing as mp
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar, Union
@@ -28,7 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar, Union
 import numpy as np
 
 from hybrid_lm.data import corpus
-from hybrid_lm.data.errors import DataError
+from hybrid_lm.data.errors import DataError, DataWarning
 from hybrid_lm.data.manifest import FILE_NAME as MANIFEST, VERSION, sha256_file
 from hybrid_lm.data.tokenizer import FILE_NAME as TOKENIZER, Tokenizer
 
@@ -175,10 +176,27 @@ def build_shards(input: str = corpus.STDLIB, out: Union[str, Path] = "artifacts/
     items = ((d.index, d.source, ids) for d, ids in encode_parallel(tok, docs, workers, text=lambda d: d.text))
     source = {"input": input, "description": corpus.describe(input), "max_docs": max_docs, "max_bytes": max_bytes}
     try:
-        return write_token_shards(out, tok, items, shard_tokens=shard_tokens, val_fraction=val_fraction, seed=seed,
-                                  source=source, bar=bar, old=old)
+        manifest = write_token_shards(out, tok, items, shard_tokens=shard_tokens, val_fraction=val_fraction,
+                                      seed=seed, source=source, bar=bar, old=old)
     finally:
         bar.close()
+    _warn_if_val_empty(manifest, out)
+    return manifest
+
+
+def _warn_if_val_empty(manifest: dict[str, Any], out: Path) -> None:
+    """Every eval hook reads the val split (and a fresh run evaluates before its first step), so an
+    empty one is said now, with what to change, instead of failing the first eval of a training run."""
+    if manifest["splits"]["val"]["docs"]:
+        return
+    n, fraction = manifest["totals"]["docs"], manifest["val_fraction"]
+    if fraction > 0:
+        advice = (f"rebuild with more documents or a larger --val-fraction (e.g. --val-fraction {min(0.5, 10 / n):.2g}), "
+                  f"or train with eval.hooks=[]")
+    else:
+        advice = "train with eval.hooks=[], or rebuild with --val-fraction > 0 to evaluate"
+    warnings.warn(f"{out}: the val split is empty ({n} documents, val_fraction={fraction}); {advice}",
+                  DataWarning, stacklevel=3)
 
 
 def write_token_shards(out: Union[str, Path], tok: Tokenizer, items: Iterable[tuple[int, str, np.ndarray]], *,

@@ -9,6 +9,7 @@ import sys
 import tarfile
 
 import numpy as np
+import pytest
 import torch
 
 from hybrid_lm.data.corpus import iter_documents
@@ -129,3 +130,35 @@ def test_pipe_urls_read_like_local_files(tmp_path, synthetic, cfg_for):
     local = list(itertools.islice(iter(build_loader(cfg_for(path), "train", 0, 1)), 6))
     piped = list(itertools.islice(iter(build_loader(cfg_for(f"pipe:cat {path}"), "train", 0, 1)), 6))
     assert all(torch.equal(a[k], b[k]) for a, b in zip(local, piped) for k in a)
+
+
+@pytest.mark.parametrize("docs, fraction, advice", [
+    (5, 0.01, "--val-fraction 0.5"),  # 5 documents: 1% of them rounds to none
+    (5, 0.0, "eval.hooks=[]"),
+])
+def test_empty_val_split_is_reported_at_build_time(tmp_path, capsys, docs, fraction, advice):
+    """Every eval reads the val split, so an empty one must be said at build time, with what to
+    change, not discovered by the first eval of a training run."""
+    from hybrid_lm.cli import main as cli_main
+    from hybrid_lm.data.errors import DataWarning
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"doc {i} " * 20}) for i in range(docs)))
+    with pytest.warns(DataWarning, match=rf"the val split is empty \({docs} documents, val_fraction={fraction}\)"):
+        m = build_shards(str(corpus), tmp_path / "api", val_fraction=fraction, progress=False)
+    assert m["splits"]["val"]["docs"] == 0
+    assert cli_main(["data", "build", "--input", str(corpus), "--out", str(tmp_path / "cli"),
+                     "--val-fraction", str(fraction), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("hybrid-lm data: WARNING: ") and advice in err and err.count("\n") == 1, err
+
+
+def test_no_warning_when_the_val_split_has_documents(tmp_path):
+    import warnings
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"doc {i} " * 20}) for i in range(40)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = build_shards(str(corpus), tmp_path / "out", val_fraction=0.5, progress=False)
+    assert m["splits"]["val"]["docs"] > 0
