@@ -8,8 +8,9 @@
 
 The config is parsed and validated here, in the launching process, so an unknown key or a wrong
 type fails with its name before any worker (or GPU) is touched. Exit codes: 0 finished or stopped
-by SIGTERM/SIGUSR1 after a checkpoint, 2 bad config, 3 diverged (too many NaN steps), 4 another
-training holds the run dir (the message names its pid and host).
+by SIGTERM/SIGUSR1 after a checkpoint, 1 a checkpoint that cannot be used or written (one line
+naming the file), 2 bad config, 3 diverged (too many NaN steps), 4 another training holds the run
+dir (the message names its pid and host).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ def main(args: argparse.Namespace) -> int:
                 "-m", "hybrid_lm.cli", "train", args.config, *args.overrides]
         torchrun_main(argv)
         return 0
+    from hybrid_lm.train.checkpoint import CheckpointError
     from hybrid_lm.train.faults import TrainingDiverged
     from hybrid_lm.train.loop import train
     from hybrid_lm.train.run_lock import RunDirLocked
@@ -64,6 +66,9 @@ def main(args: argparse.Namespace) -> int:
     except RunDirLocked as exc:
         print(f"hybrid-lm train: error: {exc}", file=sys.stderr)
         return 4
+    except CheckpointError as exc:
+        print(f"hybrid-lm train: error: {exc}", file=sys.stderr)
+        return 1
     finally:
         from hybrid_lm.train.distributed import destroy_distributed
 

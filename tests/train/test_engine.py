@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import synthetic
-from hybrid_lm.train.checkpoint import layout, load_model_state
+from hybrid_lm.train.checkpoint import CheckpointError, layout, load_model_state
 from hybrid_lm.train.config import job_config_from_dict
 from hybrid_lm.train.faults import TrainingDiverged
 from hybrid_lm.train.loop import train
@@ -67,6 +67,52 @@ def test_corrupted_newest_checkpoint_falls_back(tmp_path, capsys):
     assert f"skipping step-0000004: {victim}: sha256 mismatch" in err
     assert sorted(resumed.losses) == [2, 3, 4, 5]  # continued from step 2
     assert resumed.losses == {k: v for k, v in straight.losses.items() if k >= 2}
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_auto_resume_refuses_when_every_checkpoint_is_corrupt(tmp_path, capsys, monkeypatch):
+    import argparse
+    import json
+
+    from hybrid_lm.train import cli, distributed
+
+    # the CLI tears down the process group at exit; DeepSpeed's cached groups would go stale for the
+    # trainings that follow in this test process
+    monkeypatch.setattr(distributed, "destroy_distributed", lambda: None)
+
+    _run(tmp_path, steps=4, checkpoint={"every": 2, "keep": 2})
+    root = tmp_path / "checkpoints"
+    victims = [sorted((root / layout.step_dir_name(s) / "ds").glob("*model_states.pt"))[0] for s in (2, 4)]
+    for victim in victims:
+        _flip_a_byte(victim)
+    corrupted = [v.read_bytes() for v in victims]
+    with pytest.raises(CheckpointError, match=r"every checkpoint in .* fails verification"):
+        _run(tmp_path, steps=4, checkpoint={"every": 2, "keep": 2})
+    assert [v.read_bytes() for v in victims] == corrupted  # nothing was overwritten
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps(synthetic.job_dict(tmp_path, steps=4, checkpoint={"every": 2, "keep": 2})))
+    capsys.readouterr()
+    args = argparse.Namespace(config=str(job), overrides=[], nproc_per_node=0, print_config=False)
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"hybrid-lm train: error: train.resume=auto: every checkpoint in {root} fails verification")
+    assert f"{victims[0]}: sha256 mismatch" in err and f"{victims[1]}: sha256 mismatch" in err
+    assert "train.resume=never" in err
+    fresh = _run(tmp_path, steps=4, checkpoint={"every": 2, "keep": 2}, train={"resume": "never"})
+    assert sorted(fresh.losses) == [0, 1, 2, 3]
+    assert layout.verify(fresh.checkpoint)["step"] == 4
+
+
+def test_auto_resume_starts_fresh_over_a_save_that_never_finished(tmp_path):
+    from hybrid_lm.train.checkpoint import manager
+
+    (tmp_path / layout.step_dir_name(2)).mkdir()  # renamed from .tmp, killed before its marker
+    assert manager.find_resume("auto", tmp_path) is None
 
 
 def test_init_from_training_checkpoint(tmp_path):

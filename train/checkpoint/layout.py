@@ -111,15 +111,23 @@ def step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
 
 def newest_complete(ckpt_root: Path, *, report: bool = True) -> Optional[Path]:
     """The newest checkpoint that verifies; each newer one that does not is reported on stderr."""
+    return newest_complete_and_failures(ckpt_root, report=report)[0]
+
+
+def newest_complete_and_failures(ckpt_root: Path, *, report: bool = True
+                                 ) -> tuple[Optional[Path], list[tuple[Path, CheckpointError]]]:
+    """(the newest checkpoint that verifies or None, each newer step dir with the reason it fails)."""
+    failures: list[tuple[Path, CheckpointError]] = []
     for _, path in step_dirs(ckpt_root):
         try:
             verify(path)
-            return path
+            return path, failures
         except CheckpointError as exc:
+            failures.append((path, exc))
             if report:
                 print(f"[checkpoint] skipping {path.name}: {exc}; falling back to an older checkpoint",
                       file=sys.stderr, flush=True)
-    return None
+    return None, failures
 
 
 def update_latest(ckpt_root: Path, ckpt: Path) -> None:

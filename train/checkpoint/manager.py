@@ -87,19 +87,37 @@ def save(engine, root: Path, state: TrainerState, *, rank: int, world_size: int,
     return final
 
 
+def _auto_resume(root: Path) -> Optional[Path]:
+    found, failures = layout.newest_complete_and_failures(root)
+    # a dir without a marker is a save that never finished; one whose marker no longer matches
+    # its files held progress that starting over at step 0 would overwrite
+    corrupt = [exc for path, exc in failures if (path / layout.MARKER).is_file()]
+    if found is None and corrupt:
+        raise layout.CheckpointError(
+            f"train.resume=auto: every checkpoint in {root} fails verification ({'; '.join(map(str, corrupt))}); "
+            "refusing to start from step 0 over them. Repair them or move them out of the way, or set "
+            "train.resume=never to start from step 0 anyway (the new run replaces each one when it reaches its step).")
+    return found
+
+
 def find_resume(resume: str, root: Path) -> Optional[Path]:
     """The checkpoint to resume from: ``never`` -> None, ``auto`` -> newest complete under root
-    (None when there is none), anything else is a path (run dir or checkpoint dir)."""
+    (None when there is none; CheckpointError when there are checkpoints and every one is corrupt),
+    anything else is a path (run dir or checkpoint dir). Collective: rank 0 decides, every rank
+    returns the same path or raises the same error."""
     if resume == "never":
         return None
     chosen: Optional[str] = None
+    error: Optional[str] = None
     if D.is_main():
-        if resume == "auto":
-            found = layout.newest_complete(Path(root))
-        else:
-            found = layout.resolve_checkpoint(Path(resume))
-        chosen = None if found is None else str(found)
-    chosen = D.broadcast_object(chosen)  # type: ignore[assignment]
+        try:
+            found = _auto_resume(Path(root)) if resume == "auto" else layout.resolve_checkpoint(Path(resume))
+            chosen = None if found is None else str(found)
+        except layout.CheckpointError as exc:
+            error = str(exc)
+    chosen, error = D.broadcast_object((chosen, error))  # type: ignore[misc]
+    if error is not None:
+        raise layout.CheckpointError(error)
     return None if chosen is None else Path(chosen)
 
 
