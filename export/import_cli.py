@@ -15,7 +15,6 @@ pads as the source model did.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -24,7 +23,7 @@ import torch
 
 from hybrid_lm.export.cli import refusals
 from hybrid_lm.export.model_dir import (HF_TOKENIZER_FILES, TOKENIZER, ExportError, check_state_dict, prepare_out_dir,
-                                        save_model_dir)
+                                        read_json_object, read_safetensors, save_model_dir)
 from hybrid_lm.export.tokenizer import source_special_ids
 from hybrid_lm.models.config import ModelConfig
 
@@ -40,18 +39,22 @@ def _adapter(model_type: str):
 
 
 def _read_hf_state(hf_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ExportError(f"{index}: expected a JSON object with a 'weight_map' of tensor name -> file name")
+        files = sorted(set(weight_map.values()))
+        missing = [name for name in files if not (hf_dir / name).is_file()]
+        if missing:
+            raise ExportError(f"{hf_dir / missing[0]}: named by {index} but missing")
     elif (hf_dir / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
         raise ExportError(f"{hf_dir}: no model.safetensors(.index.json); only safetensors weights are imported")
     state: dict[str, torch.Tensor] = {}
     for name in files:
-        state.update(load_file(str(hf_dir / name)))
+        state.update(read_safetensors(hf_dir / name))
     return {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
 
 
@@ -71,7 +74,7 @@ def import_hf(hf_dir: Path, out_dir: Path, *, force: bool = False) -> tuple[Mode
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise ExportError(f"{hf_dir}: no config.json (a local transformers folder is needed)")
-    model_type = json.loads((hf_dir / "config.json").read_text()).get("model_type", "<missing>")
+    model_type = read_json_object(hf_dir / "config.json").get("model_type", "<missing>")
     adapter = _adapter(model_type)
     from transformers import AutoConfig
 

@@ -40,6 +40,28 @@ class ExportError(ValueError):
     """An export/import that cannot be done faithfully; the message says what disagrees."""
 
 
+def read_json_object(path: Path) -> dict:
+    """The JSON object in ``path``; ExportError naming the file when it does not parse or holds
+    something else (a list, a number)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ExportError(f"{path}: not valid JSON (not UTF-8: {exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    if not isinstance(data, dict):
+        raise ExportError(f"{path}: expected a JSON object, got a {type(data).__name__}")
+    return data
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file; ExportError naming it when it is truncated or not one."""
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own type, and its message does not name the file
+        raise ExportError(f"{path}: cannot read ({exc}); truncated or not a safetensors file") from exc
+
+
 def is_model_dir(path: Path) -> bool:
     return (Path(path) / CONFIG).is_file() and (Path(path) / WEIGHTS).is_file()
 
@@ -100,10 +122,7 @@ def load_model_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Op
     if not is_model_dir(path):
         raise ExportError(f"{path}: not a model-only directory (needs {CONFIG} and {WEIGHTS})")
     config = from_dict(ModelConfig, json.loads((path / CONFIG).read_text()), "model")
-    try:
-        state = load_file(str(path / WEIGHTS))
-    except Exception as exc:  # safetensors raises its own type, and its message does not name the file
-        raise ExportError(f"{path / WEIGHTS}: cannot read ({exc}); truncated or not a safetensors file") from exc
+    state = read_safetensors(path / WEIGHTS)
     if config.tie_embeddings and "lm_head.weight" not in state and "embed.weight" in state:
         state["lm_head.weight"] = state["embed.weight"]
     check_state_dict(config, state)

@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from hybrid_lm.export.model_dir import TOKENIZER, ExportError, SpecialIds, copy_tokenizer_files
+from hybrid_lm.export.model_dir import TOKENIZER, ExportError, SpecialIds, copy_tokenizer_files, read_json_object
 
 KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -71,7 +71,7 @@ def _token_text(value: Any) -> Optional[str]:
 
 
 def _ids_from_tokenizer_config(tokenizer_dir: Path) -> SpecialIds:
-    config = json.loads((Path(tokenizer_dir) / TOKENIZER_CONFIG).read_text())
+    config = read_json_object(Path(tokenizer_dir) / TOKENIZER_CONFIG)
     hf = _load(tokenizer_dir)
     ids = no_ids()
     for key in KEYS:
@@ -117,7 +117,7 @@ def source_special_ids(hf_dir: Path, hf_config: dict[str, Any]) -> SpecialIds:
     (what ``generate`` used), the model config, the tokenizer's named tokens. ``hybrid-lm import``
     records these so that the export stops and pads where the source model did."""
     gen_file = Path(hf_dir) / "generation_config.json"
-    sources = [json.loads(gen_file.read_text()) if gen_file.is_file() else {}, hf_config]
+    sources = [read_json_object(gen_file) if gen_file.is_file() else {}, hf_config]
     if (Path(hf_dir) / TOKENIZER).is_file() and (Path(hf_dir) / TOKENIZER_CONFIG).is_file():
         sources.append(_ids_from_tokenizer_config(hf_dir))
     return {key: next((s[key] for s in sources if s.get(key) is not None), None) for key in KEYS}

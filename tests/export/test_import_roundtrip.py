@@ -120,3 +120,49 @@ def test_import_without_out_dir_writes_into_the_working_directory(tmp_path, monk
     # a Hub cache snapshot is named by its repo, not its commit hash
     snapshot = tmp_path / "hub" / "models--org--tiny-llama" / "snapshots" / "0123abcd"
     assert default_out_dir(snapshot) == default_out_dir(tmp_path / "models" / "tiny-llama")
+
+
+def _one_line_import_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("hybrid-lm import: error: "), lines[0]
+    return lines[0]
+
+
+def _with_tokenizer_config(text):
+    def damage(hf):
+        from hybrid_lm.data.tokenizer import Tokenizer
+
+        Tokenizer.from_spec("byte").save(hf)
+        (hf / "tokenizer_config.json").write_text(text)
+
+    return damage
+
+
+@pytest.mark.parametrize("damage, expect", [
+    (lambda hf: (hf / "model.safetensors").write_bytes((hf / "model.safetensors").read_bytes()[:5000]),
+     "model.safetensors: cannot read"),
+    (lambda hf: (hf / "model.safetensors").write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator()
+                                                                      .manual_seed(0)).to(torch.uint8).numpy().tobytes()),
+     "model.safetensors: cannot read"),
+    (lambda hf: (hf / "config.json").write_text("[1, 2, 3]"), "config.json: expected a JSON object, got a list"),
+    (lambda hf: (hf / "config.json").write_text('{"model_type": "llama",'), "config.json: not valid JSON"),
+    (lambda hf: (hf / "model.safetensors.index.json").write_text('{"weight_map": '),
+     "model.safetensors.index.json: not valid JSON"),
+    (lambda hf: (hf / "model.safetensors.index.json").write_text('["model.safetensors"]'),
+     "model.safetensors.index.json: expected a JSON object"),
+    (lambda hf: (hf / "model.safetensors.index.json").write_text('{"weight_map": {"lm_head.weight": "gone.safetensors"}}'),
+     "gone.safetensors: named by"),
+    (lambda hf: (hf / "generation_config.json").write_text("[]"), "generation_config.json: expected a JSON object"),
+    (_with_tokenizer_config("{"), "tokenizer_config.json: not valid JSON"),
+], ids=["truncated-weights", "random-weights", "config-list", "config-broken", "index-broken", "index-list",
+        "index-missing-shard", "generation-config-list", "tokenizer-config-broken"])
+def test_import_of_a_damaged_source_is_one_line_naming_the_file(tmp_path, capsys, damage, expect):
+    hf = tmp_path / "hf"
+    _hf_llama(hf)
+    damage(hf)
+    capsys.readouterr()
+    assert cli_main(["import", str(hf), str(tmp_path / "ours")]) == 1
+    line = _one_line_import_error(capsys.readouterr().err)
+    assert expect in line and str(hf) in line, line
+    assert not (tmp_path / "ours").exists()
