@@ -28,7 +28,7 @@ from torch import nn
 from hybrid_lm.kernels.ssd.reference import segment_index
 from hybrid_lm.models.attention.flash import flash_attention, flash_usable
 from hybrid_lm.models.attention.rope import apply_rope, rope_cos_sin
-from hybrid_lm.models.attention.window import blocked_window_attention
+from hybrid_lm.models.attention.window import blocked_window_attention, causal_context
 from hybrid_lm.models.common.mixer import Layer, State, linear_flops
 
 
@@ -164,12 +164,12 @@ class Attention(Layer):
         return y[:, 0], new_state
 
     def flops_per_token(self, seq_len: int) -> float:
-        """q/k/v/o matmuls plus QK^T and AV over the average causal context (Megatron: counted once)."""
+        """q/k/v/o matmuls plus QK^T and AV over the keys each query sees (``causal_context``:
+        the causal mask's entries only, about W per query with a window W << T, (T + 1) / 2 without)."""
         d = self.q_proj.in_features
         hq, hkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         proj = linear_flops(d, hq) + 2 * linear_flops(d, hkv) + linear_flops(hq, d)
-        context = min(seq_len, self.window or seq_len) / 2
-        return proj + 2 * 2.0 * hq * context
+        return proj + 2 * 2.0 * hq * causal_context(seq_len, self.window)
 
     def reset_parameters(self) -> None:
         """Nothing beyond the stack's normal(0, std) init; kept explicit for the interface."""

@@ -5,6 +5,10 @@ in blocks b - 1 and b. So each query block attends to its own block and the prev
 a (W, 2W) mask, and a long sequence costs T/W small attentions rather than one T x T mask and
 score matrix (the dense SDPA path on CPU materialises both). Used by ``layer.py`` for cache-free
 windowed calls with T > 2W; the result equals the dense-mask path (tests compare them).
+
+``causal_context`` is the FLOP count's view of the same mask: how many keys a query sees on
+average, which both attention layers (``layer.py``, ``models/titans/attention.py``) multiply by
+the per-key cost in ``flops_per_token``.
 """
 from __future__ import annotations
 
@@ -12,6 +16,20 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+
+def causal_context(seq_len: int, window: Optional[int] = None) -> float:
+    """Mean number of keys a query sees in causal attention over ``seq_len`` tokens, with an
+    optional sliding ``window``: (1/T) sum_{t=1..T} min(t, W).
+
+    (T + 1) / 2 without a window; W - W(W - 1) / (2T) once T >= W, i.e. almost the whole window,
+    not half of it: only the first W queries see fewer than W keys. Masked-out score entries are
+    not counted (flash kernels skip those blocks; the blocked CPU path computes (W, 2W) tiles).
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    w = min(window or seq_len, seq_len)
+    return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
 
 
 def blocked_window_attention(

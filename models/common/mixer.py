@@ -59,9 +59,11 @@ class Layer(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token (2 per multiply-add), Megatron convention.
 
-        Matmuls with weights count 2*in*out; a causal attention core counts once (not twice) over
-        the average causal context ``seq_len / 2`` (or the window). The trainer multiplies by 3 for
-        forward + backward.
+        Matmuls with weights count 2*in*out; an attention core counts QK^T and AV over the score
+        entries its mask lets through (``models/attention/window.causal_context``: (T + 1) / 2 keys
+        per query without a window, almost W with one); other layers count their matmuls as
+        computed. tests/models/test_flops.py holds every family to torch's FlopCounterMode. The
+        trainer multiplies by 3 for forward + backward.
         """
         raise NotImplementedError
 

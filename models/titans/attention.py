@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid_lm.models.attention.window import blocked_window_attention
+from hybrid_lm.models.attention.window import blocked_window_attention, causal_context
 from hybrid_lm.models.common.mixer import Layer, State, linear_flops
 
 
@@ -152,7 +152,8 @@ class SlidingWindowAttention(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         d = self.n_heads * self.head_dim
-        ctx = min(self.window, seq_len / 2) + (self.persistent.n if self.persistent is not None else 0)
+        # the persistent keys are visible to every query on top of its causal window
+        ctx = causal_context(seq_len, self.window) + (self.persistent.n if self.persistent is not None else 0)
         return linear_flops(d, 3 * d) + linear_flops(d, d) + 4.0 * d * ctx
 
 

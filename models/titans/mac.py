@@ -27,6 +27,7 @@ from torch import nn
 
 from hybrid_lm.kernels.titans.chunked import chunked_memory_update
 from hybrid_lm.kernels.titans.memory_mlp import memory_forward
+from hybrid_lm.models.attention.window import causal_context
 from hybrid_lm.models.common.mixer import Layer, State, linear_flops
 from hybrid_lm.models.common.registry import register_layer
 from hybrid_lm.models.titans.attention import SlidingWindowAttention, rope
@@ -177,7 +178,9 @@ class MemoryAsContext(Layer):
         d, hd = self.out_proj.in_features, self.h * self.dh
         n_w = sum(o * i for o, i in self.memory.dims)
         read = linear_flops(d, hd) + self.h * 2 * n_w + linear_flops(hd, d)
-        attn = 2 * linear_flops(d, 3 * d) + linear_flops(d, d) + 4.0 * d * (self.seg + (self.attn.persistent.n if self.attn.persistent else 0))
+        # q/k/v of both the memory read h and the segment's x; a query at i sees h_j and x_j for j <= i
+        ctx = 2 * causal_context(min(seq_len, self.seg)) + (self.attn.persistent.n if self.attn.persistent else 0)
+        attn = 2 * linear_flops(d, 3 * d) + linear_flops(d, d) + 4.0 * d * ctx
         return read + attn + self.memory.flops_per_token(seq_len) + linear_flops(d, d)
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid_lm.kernels.titans.chunked import chunked_memory_update
+from hybrid_lm.kernels.titans.chunked import chunked_memory_update, update_flops_per_token
 from hybrid_lm.kernels.titans.memory_mlp import memory_dims
 from hybrid_lm.models.common.mixer import Layer, State, linear_flops
 from hybrid_lm.models.titans.features import PolyForm, PolynomialFeatures
@@ -231,10 +231,6 @@ class NeuralMemory(Layer):
         s = self.spec
         d, h, dh = s.d_model, s.n_heads, s.head_dim
         proj = linear_flops(d, 3 * h * dh) + linear_flops(d, self.n_gates * h) + linear_flops(d, h * dh) + linear_flops(h * dh, d)
-        n_w = sum(o * i for o, i in self.dims)
-        # per head: gradient (forward + two backward matmuls) over c window entries, the two scans
-        # (b-long matmuls over every weight entry), Newton-Schulz, and the per-token read
-        kernel = h * (3 * 2 * n_w * s.omega_window + 2 * 2 * s.chunk_size * n_w + 2 * n_w)
-        if s.ns_steps:
-            kernel += h * s.ns_steps * sum(2 * 3 * min(o, i) * o * i for o, i in self.dims)
-        return proj + kernel
+        conv = 2.0 * s.conv_size * 3 * h * dh  # depthwise, as an einsum over the window
+        kernel = h * update_flops_per_token(self.dims, s.chunk_size, s.omega_window, s.ns_steps)
+        return proj + conv + kernel

@@ -114,14 +114,6 @@ def test_rope_matches_hf_llama_rotary():
     torch.testing.assert_close(apply_rope(k, cos, sin), k_hf)
 
 
-def test_flops_per_token():
-    layer = Attention(32, n_heads=4, n_kv_heads=2)
-    proj = 2 * 32 * 32 + 2 * (2 * 32 * 16) + 2 * 32 * 32
-    assert layer.flops_per_token(100) == proj + 4 * 32 * 50
-    windowed = Attention(32, n_heads=4, n_kv_heads=2, window=10)
-    assert windowed.flops_per_token(100) == proj + 4 * 32 * 5
-
-
 def test_parameter_names_and_residual_mark():
     layer = Attention(32, n_heads=4, n_kv_heads=2)
     assert {n for n, _ in layer.named_parameters()} == {f"{p}_proj.weight" for p in "qkvo"}
