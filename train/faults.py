@@ -13,6 +13,10 @@
   data, a schedule change) is not a spike.
 * ``debug_nan_steps`` (config ``train.debug_nan_steps``) turns the loss of chosen steps into NaN:
   a testing aid to prove the skip path, never used in real runs.
+
+Step numbers here (arguments, messages, ``debug_nan_steps``) are the ones metrics rows and
+``step-N`` checkpoints use: step N is the N-th update, so checkpoint ``step-N`` is the first to
+reflect (or, when skipped, to not reflect) it.
 """
 from __future__ import annotations
 

@@ -45,7 +45,8 @@ BATCH_KEYS = ("input_ids", "labels", "doc_ids", "position_ids")
 class TrainResult:
     step: int
     losses: dict[int, float] = field(default_factory=dict)
-    """mean loss of every step this invocation ran (NaN for skipped steps)"""
+    """mean loss of every step this invocation ran (NaN for skipped steps), keyed by the step count
+    *before* the update: key n is the step that metrics, messages and checkpoints call n+1"""
     evals: dict[int, dict[str, float]] = field(default_factory=dict)
     checkpoint: Optional[Path] = None
     stopped_by_signal: bool = False
@@ -56,12 +57,15 @@ class TrainResult:
 def _train_step(engine, optimizer, batches, state: TrainerState, guard: NanGuard, spikes: SpikeGuard,
                 stop: StopSignal, gas: int, device: torch.device) -> tuple[float, int, bool]:
     """Run one optimizer step; returns (mean loss or NaN, global tokens, stop requested anywhere)."""
+    # messages and debug_nan_steps count steps as metrics rows and step-N checkpoints do: the update
+    # that takes state.step from n to n+1 is step n+1
+    number = state.step + 1
     loss_sum, nonfinite, tokens = 0.0, 0, 0
     for micro in range(gas):
         batch = next(batches)
         ids = batch["input_ids"].to(device, non_blocking=True)
         kwargs = {k: batch[k].to(device, non_blocking=True) for k in BATCH_KEYS[1:] if batch.get(k) is not None}
-        loss = guard.inject(state.step, engine(ids, **kwargs).loss)
+        loss = guard.inject(number, engine(ids, **kwargs).loss)
         engine.backward(loss)
         value = loss.detach().float().item()
         if math.isfinite(value):
@@ -75,9 +79,9 @@ def _train_step(engine, optimizer, batches, state: TrainerState, guard: NanGuard
         [loss_sum, nonfinite, tokens, float(stop.requested)], device)
     n_finite = gas * D.dist.get_world_size() - g_nonfinite
     mean_loss = g_loss / n_finite if g_nonfinite == 0 else float("nan")
-    skip = guard.record(state, g_nonfinite == 0, state.step)
+    skip = guard.record(state, g_nonfinite == 0, number)
     # every rank sees the same reduced loss and window, so every rank takes the same decision
-    optimizer.skip_next_step = skip or spikes.check(state, mean_loss, state.step)
+    optimizer.skip_next_step = skip or spikes.check(state, mean_loss, number)
     engine.step()
     optimizer.skip_next_step = False  # ZeRO may already have dropped the step on a non-finite grad norm
     return mean_loss, int(g_tokens), g_stop > 0

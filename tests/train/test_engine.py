@@ -39,12 +39,19 @@ def test_exact_resume_single_process(tmp_path, zero_stage):
 
 
 def test_nan_step_is_skipped_and_counted(tmp_path, capsys):
+    import json
+    import math
+
+    # step 5 everywhere: debug_nan_steps, the message, the metrics row, the step-N checkpoints
     result = _run(tmp_path, steps=7, train={"debug_nan_steps": [5]}, checkpoint={"every": 1, "keep": 10})
     assert result.state.nan_skipped == 1 and result.state.consecutive_nan == 0
-    assert result.losses[5] != result.losses[5]  # NaN logged for the skipped step
-    weights = {s: load_model_state(tmp_path / "checkpoints" / layout.step_dir_name(s)).state_dict for s in (5, 6, 7)}
-    assert all(torch.equal(weights[5][k], weights[6][k]) for k in weights[5])  # step index 5 changed nothing
-    assert not all(torch.equal(weights[6][k], weights[7][k]) for k in weights[6])
+    assert math.isnan(result.losses[4])  # TrainResult.losses is keyed by the step count before the update
+    rows = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
+    assert rows[4]["train/nan_skipped"] == 0 and rows[5]["train/nan_skipped"] == 1
+    assert math.isnan(rows[5]["train/loss"]) and math.isfinite(rows[6]["train/loss"])
+    weights = {s: load_model_state(tmp_path / "checkpoints" / layout.step_dir_name(s)).state_dict for s in (4, 5, 6)}
+    assert all(torch.equal(weights[4][k], weights[5][k]) for k in weights[4])  # step 5 changed nothing
+    assert not all(torch.equal(weights[5][k], weights[6][k]) for k in weights[5])
     assert "step 5: non-finite loss" in capsys.readouterr().err
 
 

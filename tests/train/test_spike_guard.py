@@ -50,7 +50,8 @@ def test_poisoned_batch_is_skipped_and_changes_nothing(tmp_path, capsys):
     before, after = (load_model_state(tmp_path / "checkpoints" / layout.step_dir_name(s)).state_dict
                      for s in (POISONED_STEP, POISONED_STEP + 1))
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert f"step {POISONED_STEP}: loss" in capsys.readouterr().err
+    # the poisoned batch feeds the update from step count 50 to 51: step 51 in metrics and checkpoints
+    assert f"step {POISONED_STEP + 1}: loss" in capsys.readouterr().err
 
 
 def test_guard_window_survives_resume_bitwise(tmp_path):
