@@ -112,7 +112,7 @@ def recorded_special_ids(path: Path) -> Optional[SpecialIds]:
     record = Path(path) / SPECIAL_IDS
     if not record.is_file():
         return None
-    ids = json.loads(record.read_text())
+    ids = read_json_object(record)
     return {key: ids.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
 
 
@@ -121,7 +121,7 @@ def load_model_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Op
     path = Path(path)
     if not is_model_dir(path):
         raise ExportError(f"{path}: not a model-only directory (needs {CONFIG} and {WEIGHTS})")
-    config = from_dict(ModelConfig, json.loads((path / CONFIG).read_text()), "model")
+    config = from_dict(ModelConfig, read_json_object(path / CONFIG), "model")
     state = read_safetensors(path / WEIGHTS)
     if config.tie_embeddings and "lm_head.weight" not in state and "embed.weight" in state:
         state["lm_head.weight"] = state["embed.weight"]

@@ -107,3 +107,14 @@ def test_model_dir_with_a_corrupt_file_is_refused_in_one_line(tmp_path, capsys):
     assert cli_main(["export", str(src), str(tmp_path / "out")]) == 1
     assert "model.safetensors: cannot read" in _one_line_error(capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+def test_model_dir_with_a_broken_json_file_is_refused_in_one_line(tmp_path, capsys):
+    src, _ = save_tiny(tmp_path, "llama")
+    (src / "model_config.json").write_text('{"d_model": ')
+    assert cli_main(["export", str(src), str(tmp_path / "out")]) == 1
+    assert "model_config.json: not valid JSON" in _one_line_error(capsys.readouterr().err)
+    (src / "model_config.json").write_text("[]")
+    assert cli_main(["export", str(src), str(tmp_path / "out")]) == 1
+    assert "model_config.json: expected a JSON object, got a list" in _one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
