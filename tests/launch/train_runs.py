@@ -19,10 +19,10 @@ TOKENS_PER_RANK_STEP = 4 * 64
 
 
 def build_data(out: Path) -> Path:
-    """A few hundred thousand byte-level tokens: enough for a few hundred debug steps on two ranks."""
+    """About half a million byte-level tokens: enough for a few hundred debug steps on two ranks."""
     from hybrid_lm.data.writer import build_shards
 
-    build_shards("stdlib", out, max_docs=12, shard_tokens=20_000, val_fraction=0.1, progress=False)
+    build_shards("stdlib", out, max_docs=20, shard_tokens=20_000, val_fraction=0.1, progress=False)
     return out
 
 
