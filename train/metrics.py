@@ -9,7 +9,7 @@ MFU convention (PERFORMANCE.md, Megatron's): training FLOPs per token = 3 x forw
 (the backward pass costs twice the forward), forward FLOPs from ``HybridLM.flops_per_token`` (matmuls
 2*m*n, the causal attention core counted once over the real packed context). ``mfu`` takes the
 *training* FLOPs per token (already x3) and the tokens/s of one device, against that device's dense
-bf16 peak (H100 SXM and H200: 989 TFLOP/s, A100: 312 TFLOP/s). Rank 0's tokens/s divided by the
+bf16 peak (H100 SXM and H200: 989 TFLOP/s, H100 PCIe: 756, A100: 312). Rank 0's tokens/s divided by the
 world size is one device's rate when the ranks run in lockstep, as data parallelism does.
 """
 from __future__ import annotations
@@ -23,8 +23,9 @@ from typing import Optional
 
 import torch
 
-# Dense bf16 tensor-core peaks (no structured sparsity), FLOP/s, matched against the CUDA device name.
-_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+# Dense bf16 tensor-core peaks (no structured sparsity), FLOP/s, matched against the CUDA device name
+# in this order: the PCIe H100 ("NVIDIA H100 PCIe") has fewer SMs and a lower clock than the SXM one.
+_PEAKS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12}
 
 
 def peak_flops(device: torch.device) -> Optional[float]:
