@@ -24,7 +24,6 @@ import math
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -32,8 +31,9 @@ from hybrid_lm.data.config import DataConfig
 from hybrid_lm.data.errors import DataError
 from hybrid_lm.data.manifest import check_tokenizer, is_remote, load_manifest, split_shards
 from hybrid_lm.data.packing import pack_rows
-from hybrid_lm.data.source import ReaderPlan, TokenStream, plan_epoch, reader_ranges
+from hybrid_lm.data.source import ReaderPlan, plan_epoch, reader_ranges
 from hybrid_lm.data.state import STATE_VERSION, Cursor, check_compatible
+from hybrid_lm.data.stream import TokenStream
 from hybrid_lm.typed_config import validate_section
 
 Batch = dict[str, torch.Tensor]
@@ -56,7 +56,6 @@ class _Plan:
         manifest = load_manifest(self.base)
         check_tokenizer(manifest, self.base, cfg.expected_vocab_size, cfg.tokenizer_fingerprint)
         self.shards = split_shards(manifest, split, self.base)
-        self.dtype = np.dtype(manifest["token_dtype"])
         self.pad_id = int(manifest["tokenizer"]["pad_id"])
         self.workers = max(1, cfg.num_workers)
         self.readers = world_size * self.workers
@@ -97,17 +96,20 @@ class _Plan:
                 cur = cur.next_epoch()
                 continue
             plan = self.plans(cur.epoch, [g])[0]
-            stream = TokenStream(self.base, self.shards, plan, cur, seed=cfg.seed, dtype=self.dtype,
+            stream = TokenStream(self.base, self.shards, plan, cur, seed=cfg.seed,
                                  verify=cfg.verify_checksums, policy=cfg.bad_shard_policy)
-            while cur.batches < quota:
-                pieces = stream.take(self.rows)
-                got = sum(len(p) for p, _ in pieces)
-                if got < self.rows:
-                    cur.padded_rows += math.ceil((self.rows - got) / cfg.seq_len)
-                batch = pack_rows(pieces, stream.peek() if got == self.rows else None,
-                                  cfg.micro_batch_size, cfg.seq_len, self.pad_id)
-                cur.batches += 1
-                yield batch, copy.deepcopy(cur)
+            try:
+                while cur.batches < quota:
+                    pieces = stream.take(self.rows)
+                    got = sum(len(p) for p, _ in pieces)
+                    if got < self.rows:
+                        cur.padded_rows += math.ceil((self.rows - got) / cfg.seq_len)
+                    batch = pack_rows(pieces, stream.peek() if got == self.rows else None,
+                                      cfg.micro_batch_size, cfg.seq_len, self.pad_id)
+                    cur.batches += 1
+                    yield batch, copy.deepcopy(cur)
+            finally:  # also when the caller stops early: the open shard's file (or spool) is released
+                stream.close()
 
 
 def _identity(x: Any) -> Any:
