@@ -74,7 +74,7 @@ def write_remote(out_dir: Path, config: ModelConfig, state_dict: dict[str, torch
         "hidden_size": config.d_model,
         "num_hidden_layers": config.n_blocks,
         "tie_word_embeddings": config.tie_embeddings,
-        "use_cache": False,
+        "use_cache": True,
         "dtype": str(dtype).removeprefix("torch."),
         **special_ids,
     }

@@ -16,6 +16,6 @@ class HybridLMConfig(PretrainedConfig):
         kwargs.setdefault("hidden_size", self.hybrid_lm.get("d_model"))
         kwargs.setdefault("num_hidden_layers", len(self.hybrid_lm.get("layer_pattern", "")))
         kwargs.setdefault("tie_word_embeddings", bool(self.hybrid_lm.get("tie_embeddings", False)))
-        # generation recomputes the whole prefix each step (see modeling_hybrid_lm.py)
-        kwargs.setdefault("use_cache", False)
+        # generation carries the layers' states in a HybridLMCache (see modeling_hybrid_lm.py)
+        kwargs.setdefault("use_cache", True)
         super().__init__(**kwargs)
