@@ -19,7 +19,7 @@ to samples. Instead of reading the shard whole into memory, a shard is opened in
      reader moves on. Disk holds at most one shard's selected tokens per reader.
 2. ``take`` reads only the tokens it returns (a seek and a read per piece).
 
-Memory per open shard: the index (about 16 bytes per sample) plus I/O buffers of at most
+Memory per open shard: the index (about 32 bytes per sample) plus I/O buffers of at most
 ``CHUNK`` bytes, whatever the shard's size. The token stream is the same as the in-memory
 reader's (``source.TokenStream``): same plans, same cursors, same batches.
 """
