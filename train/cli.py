@@ -10,7 +10,8 @@ The config is parsed and validated here, in the launching process, so an unknown
 type fails with its name before any worker (or GPU) is touched. Exit codes: 0 finished or stopped
 by SIGTERM/SIGUSR1 after a checkpoint, 1 a checkpoint that cannot be used or written (one line
 naming the file), 2 bad config, 3 diverged (too many NaN steps), 4 another training holds the run
-dir (the message names its pid and host).
+dir (the message names its pid and host). With ``--nproc-per-node`` the command exits with the code
+of the first worker that failed (128 + N for one killed by signal N).
 """
 from __future__ import annotations
 
@@ -42,13 +43,22 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(job_config_to_dict(cfg), indent=2))
         return 0
     if args.nproc_per_node > 0 and "LOCAL_RANK" not in os.environ:
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
         from torch.distributed.run import main as torchrun_main
 
         from hybrid_lm.train.distributed import free_port
 
         argv = [f"--nproc_per_node={args.nproc_per_node}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
                 "-m", "hybrid_lm.cli", "train", args.config, *args.overrides]
-        torchrun_main(argv)
+        try:
+            torchrun_main(argv)
+        except ChildFailedError as exc:
+            # the workers have printed their one-line reason; keep their exit code (2, 3, ...) rather
+            # than torchrun's traceback and exit code 1
+            rank, failure = exc.get_first_failure()
+            code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode  # killed by a signal
+            print(f"hybrid-lm train: worker rank {rank} exited with code {code}", file=sys.stderr)
+            return code
         return 0
     from hybrid_lm.train.checkpoint import CheckpointError
     from hybrid_lm.train.faults import TrainingDiverged

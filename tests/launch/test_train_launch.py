@@ -1,13 +1,15 @@
 """The real trainer under the launchers: ``hybrid-lm train`` as two "nodes" on loopback through
-launch/multinode.sh gives the same losses as one node with two processes.
+launch/multinode.sh, and ``hybrid-lm train --nproc-per-node 2``, give the same losses as plain
+``torchrun --nproc_per_node 2`` on one node.
 
 Both layouts have world size 2 with the same global ranks, so every rank reads the same batches
 and the gloo all-reduces add the same two numbers: the losses must be bitwise equal, not close.
 (One process with gradient_accumulation=2 is no reference here: the loader splits the token
 stream by rank, so a single rank reads other batches.)
 """
-from pathlib import Path
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +54,30 @@ def test_multinode_trainer_two_nodes_match_one_node(shards, one_node_two_procs, 
     assert {s: r["train/loss"] for s, r in two_nodes.items()} == train_runs.step_losses(one_node_two_procs)
     ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     assert sorted(p.name for p in ckpt.glob("rank-*.json")) == ["rank-00000.json", "rank-00001.json"]
+
+
+def run_cli(shards: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "hybrid_lm.cli", "train", str(train_runs.CONFIG), "--nproc-per-node", "2",
+            *train_runs.overrides(shards, run_dir, STEPS), *extra]
+    return subprocess.run(argv, cwd=run_dir.parent, env=train_runs.launch_env(), capture_output=True, text=True,
+                          timeout=180)
+
+
+def test_cli_nproc_per_node_runs_two_workers(shards, one_node_two_procs, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli(shards, run_dir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    logs = train_runs.step_logs(run_dir)
+    assert [logs[s]["train/tokens"] for s in sorted(logs)] == [
+        s * 2 * train_runs.TOKENS_PER_RANK_STEP for s in range(1, STEPS + 1)]
+    assert train_runs.step_losses(run_dir) == train_runs.step_losses(one_node_two_procs)
+    ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert sorted(p.name for p in ckpt.glob("rank-*.json")) == ["rank-00000.json", "rank-00001.json"]
+
+
+def test_cli_nproc_per_node_exits_with_the_workers_code(shards, tmp_path):
+    # a diverged run exits 3 with one line, under --nproc-per-node as in a single process
+    result = run_cli(shards, tmp_path / "run", "train.debug_nan_steps=[1]", "train.max_consecutive_nan=1")
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "1 consecutive non-finite losses" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
