@@ -34,7 +34,7 @@ from hybrid_lm.train.evaluation import EvalConfig, EvalContext, resolve_hooks, r
 from hybrid_lm.train.faults import NanGuard, SpikeGuard, StopSignal
 from hybrid_lm.train.metrics import MetricsLogger, TrainProgress, mfu, peak_flops
 from hybrid_lm.train.optim import build_optimizer, set_lr
-from hybrid_lm.train.parallelize import parallelize
+from hybrid_lm.train.parallelize import grad_norm, parallelize, reports_grad_norm
 from hybrid_lm.train.run_lock import exclusive_run
 from hybrid_lm.train.schedules import build_lr_schedule
 
@@ -55,8 +55,10 @@ class TrainResult:
 
 
 def _train_step(engine, optimizer, batches, state: TrainerState, guard: NanGuard, spikes: SpikeGuard,
-                stop: StopSignal, gas: int, device: torch.device) -> tuple[float, int, bool]:
-    """Run one optimizer step; returns (mean loss or NaN, global tokens, stop requested anywhere)."""
+                stop: StopSignal, gas: int, device: torch.device, measure_grad_norm: bool
+                ) -> tuple[float, int, bool, Optional[float]]:
+    """Run one optimizer step; returns (mean loss or NaN, global tokens, stop requested anywhere,
+    the gradient norm when ``measure_grad_norm`` asks for it, else None)."""
     # messages and debug_nan_steps count steps as metrics rows and step-N checkpoints do: the update
     # that takes state.step from n to n+1 is step n+1
     number = state.step + 1
@@ -75,6 +77,7 @@ def _train_step(engine, optimizer, batches, state: TrainerState, guard: NanGuard
         tokens += ids.numel()
         if micro < gas - 1:
             engine.step()  # DeepSpeed counts micro-steps here; no update before the boundary
+    norm = grad_norm(engine.module) if measure_grad_norm else None  # engine.step() clips and zeroes them
     g_loss, g_nonfinite, g_tokens, g_stop = D.all_reduce_sum(
         [loss_sum, nonfinite, tokens, float(stop.requested)], device)
     n_finite = gas * D.dist.get_world_size() - g_nonfinite
@@ -84,7 +87,7 @@ def _train_step(engine, optimizer, batches, state: TrainerState, guard: NanGuard
     optimizer.skip_next_step = skip or spikes.check(state, mean_loss, number)
     engine.step()
     optimizer.skip_next_step = False  # ZeRO may already have dropped the step on a non-finite grad norm
-    return mean_loss, int(g_tokens), g_stop > 0
+    return mean_loss, int(g_tokens), g_stop > 0, norm
 
 
 def _periodic_eval_due(cfg: EvalConfig, step: int) -> bool:
@@ -128,6 +131,7 @@ def _train(cfg: JobConfig, info: D.DistInfo, make_loader: Optional[LoaderFactory
     train_flops = 3.0 * model.flops_per_token(cfg.data.seq_len)
     peak = peak_flops(info.device)
     result = TrainResult(step=state.step, state=state)
+    own_grad_norm = not reports_grad_norm(engine)
 
     def evaluate() -> None:
         if not cfg.eval.hooks:
@@ -157,7 +161,9 @@ def _train(cfg: JobConfig, info: D.DistInfo, make_loader: Optional[LoaderFactory
         while state.step < cfg.train.steps:
             lr = lr_at(state.step)
             set_lr(optimizer, lr)
-            loss, tokens, stop_requested = _train_step(engine, optimizer, batches, state, guard, spikes, stop, gas, info.device)
+            log_due = (state.step + 1) % cfg.logging.every == 0 or state.step + 1 == cfg.train.steps
+            loss, tokens, stop_requested, norm = _train_step(engine, optimizer, batches, state, guard, spikes, stop, gas,
+                                                             info.device, measure_grad_norm=own_grad_norm and log_due)
             result.losses[state.step] = loss
             state.step += 1
             state.tokens += tokens
@@ -166,14 +172,14 @@ def _train(cfg: JobConfig, info: D.DistInfo, make_loader: Optional[LoaderFactory
                 window_losses.append(loss)
             done = state.step == cfg.train.steps
             stop_requested = stop_requested or state.step == cfg.train.stop_at
-            if state.step % cfg.logging.every == 0 or done:
+            if log_due:
                 elapsed = time.perf_counter() - window_start
                 tps = window_tokens / max(elapsed, 1e-9)
-                grad_norm = engine.get_global_grad_norm()
+                reported = norm if own_grad_norm else engine.get_global_grad_norm()
                 window_loss = sum(window_losses) / len(window_losses) if window_losses else float("nan")
                 metrics = {"train/loss": window_loss, "train/lr": lr, "train/tokens": state.tokens, "train/tokens_per_s": tps,
                            "train/nan_skipped": state.nan_skipped, "train/spike_skipped": state.spike_skipped,
-                           "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+                           "train/grad_norm": float(reported) if reported is not None else float("nan")}
                 util = mfu(train_flops, tps / info.world_size, peak) if peak else None
                 if util is not None:
                     metrics["train/mfu"] = util

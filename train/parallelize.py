@@ -78,6 +78,23 @@ def deepspeed_config(cfg: ParallelConfig, *, micro_batch_size: int, world_size: 
     }
 
 
+def reports_grad_norm(engine) -> bool:
+    """Whether ``engine.get_global_grad_norm()`` holds the norm after a step: ZeRO >= 1 and the
+    bf16/fp16 optimisers compute it; plain ZeRO-0 in fp32 clips with a norm it discards (None)."""
+    return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
+
+
+def grad_norm(model: nn.Module) -> float:
+    """The 2-norm of every gradient of ``model`` (before clipping), for engines that do not report it.
+
+    Call it after the accumulation boundary's backward and before ``engine.step()``: at ZeRO-0 the
+    gradients are then reduced over the data-parallel ranks and identical on each, so this local
+    norm is the global one.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
 def parallelize(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: ParallelConfig, *,
                 micro_batch_size: int, world_size: int, grad_clip: float, device: torch.device):
     """Wrap ``model`` and ``optimizer`` in a DeepSpeed engine; returns the engine.

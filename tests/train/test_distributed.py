@@ -34,13 +34,26 @@ def test_exact_resume_two_processes(tmp_path):
         assert torch.equal(tensor, b.state_dict[name]), name
 
 
-def test_zero2_two_ranks_match_one_rank_with_double_accumulation(tmp_path):
-    two = _run2(synthetic.job_dict(tmp_path / "two", steps=8, zero_stage=2, gas=1))
-    one = run_distributed(_train_worker, 1, args=(synthetic.job_dict(tmp_path / "one", steps=8, zero_stage=0, gas=2), "x"))
+def _grad_norms(run_dir):
+    import json
+
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [row["train/grad_norm"] for row in rows if "train/grad_norm" in row]
+
+
+@pytest.mark.parametrize("two_stage,one_stage", [(2, 0), (0, 2)])
+def test_two_ranks_match_one_rank_with_double_accumulation(tmp_path, two_stage, one_stage):
+    """Losses and gradient norms; (0, 2) checks our own ZeRO-0 norm over 2 ranks against DeepSpeed's."""
+    two = _run2(synthetic.job_dict(tmp_path / "two", steps=8, zero_stage=two_stage, gas=1))
+    one = run_distributed(_train_worker, 1, args=(synthetic.job_dict(tmp_path / "one", steps=8, zero_stage=one_stage,
+                                                                     gas=2), "x"))
     l2, l1 = two[0]["losses"], one[0]["losses"]
     assert sorted(l1) == sorted(l2) == list(range(8))
     for step in l1:
         assert l2[step] == pytest.approx(l1[step], rel=1e-5, abs=1e-6), step
+    norms = _grad_norms(tmp_path / "two")
+    assert len(norms) == 8 and all(n > 0 for n in norms)
+    assert norms == pytest.approx(_grad_norms(tmp_path / "one"), rel=1e-5)
 
 
 def _zero3_worker(rank, world_size, job):

@@ -151,6 +151,22 @@ def test_tokenizer_larger_than_model_vocab_fails_naming_the_key(tmp_path):
         train(cfg, make_loader=synthetic.factory())
 
 
+def _metric(run_dir, key):
+    import json
+
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [row[key] for row in rows if key in row]
+
+
+def test_grad_norm_is_reported_at_zero_0_as_zero_2_reports_it(tmp_path):
+    # DeepSpeed computes no norm at ZeRO-0 in fp32; ZeRO-2 reports the global norm before clipping
+    _run(tmp_path / "z0", steps=4, zero_stage=0, gas=2)
+    _run(tmp_path / "z2", steps=4, zero_stage=2, gas=2)
+    z0, z2 = _metric(tmp_path / "z0", "train/grad_norm"), _metric(tmp_path / "z2", "train/grad_norm")
+    assert len(z0) == len(z2) == 4 and all(n > 0 for n in z2)
+    assert z0 == pytest.approx(z2, rel=1e-5)
+
+
 @pytest.mark.parametrize("zero_stage", [1, 2])
 def test_cpu_offload_trains_like_no_offload(tmp_path, zero_stage):
     """ZeRO-Offload keeps the fp32 master weights and the optimiser on the CPU; with our own
