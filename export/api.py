@@ -6,7 +6,9 @@ here rather than as a confusing load error later), pick the adapter for the laye
 (``adapters.select``), write the model, then the tokenizer files and ``generation_config.json``.
 The output folder is written only after the checks pass; an existing non-empty one is refused
 unless ``force``. A source without a tokenizer still exports (the weights are the point), with a
-warning on stderr and ``"tokenizer": null`` in ``hybrid_lm_export.json``.
+warning on stderr and ``"tokenizer": null`` in ``hybrid_lm_export.json``. That file also records
+the training ``step`` exported (a run dir means its newest complete checkpoint; null for a
+model-only dir), since neither the folder nor the HF config says it.
 """
 from __future__ import annotations
 
@@ -25,18 +27,19 @@ from hybrid_lm.export.weights import parse_dtype
 from hybrid_lm.models.config import ModelConfig
 
 
-def read_source(checkpoint: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Optional[Path]]:
-    """(config, fp32 state dict with our names, tokenizer dir or None) of a checkpoint or model dir."""
+def read_source(checkpoint: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Optional[Path], Optional[int]]:
+    """(config, fp32 state dict with our names, tokenizer dir or None, training step or None for a
+    model-only dir) of a checkpoint or model dir."""
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
         raise ExportError(f"{checkpoint}: does not exist")
     if is_model_dir(checkpoint):
-        return load_model_dir(checkpoint)
+        return (*load_model_dir(checkpoint), None)
     from hybrid_lm.train.checkpoint import load_model_state
 
     loaded = load_model_state(checkpoint)
     tok = loaded.tokenizer_dir if (Path(loaded.tokenizer_dir) / "tokenizer.json").is_file() else None
-    return loaded.model_config, loaded.state_dict, tok
+    return loaded.model_config, loaded.state_dict, tok, loaded.step
 
 
 def _write_generation_config(out_dir: Path, special_ids: SpecialIds) -> None:
@@ -74,7 +77,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, *, force: bool = False, d
     """
     out_dir = Path(out_dir)
     torch_dtype = parse_dtype(dtype)
-    config, state_dict, tokenizer_dir = read_source(checkpoint)
+    config, state_dict, tokenizer_dir, step = read_source(checkpoint)
     check_state_dict(config, state_dict)
     adapter = select(config, target)
     special_ids = _special_ids(Path(checkpoint), tokenizer_dir, config)
@@ -86,6 +89,6 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, *, force: bool = False, d
                   special_ids=special_ids)
     _write_generation_config(out_dir, special_ids)
     (out_dir / "hybrid_lm_export.json").write_text(json.dumps(
-        {"source": str(Path(checkpoint).resolve()), "adapter": adapter.name, "hf_class": adapter.hf_class,
+        {"source": str(Path(checkpoint).resolve()), "step": step, "adapter": adapter.name, "hf_class": adapter.hf_class,
          "layer_pattern": config.layer_pattern, "dtype": dtype, "tokenizer": tokenizer_kind}, indent=2) + "\n")
     return out_dir

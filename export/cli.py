@@ -48,7 +48,8 @@ def _summary(args: argparse.Namespace, out: Path) -> str:
     tokenizer = {"hf": "tokenizer files copied from the source", "hybrid-lm": "the run's tokenizer",
                  "bare": "tokenizer.json wrapped for AutoTokenizer",
                  None: "NO TOKENIZER (AutoTokenizer.from_pretrained will fail on it)"}[info.get("tokenizer")]
-    return f"exported {args.checkpoint} -> {out} as {info['hf_class']} ({info['dtype']}); tokenizer: {tokenizer}"
+    step = "model-only dir, no training step" if info.get("step") is None else f"step {info['step']}"
+    return f"exported {args.checkpoint} ({step}) -> {out} as {info['hf_class']} ({info['dtype']}); tokenizer: {tokenizer}"
 
 
 def main(args: argparse.Namespace) -> int:
