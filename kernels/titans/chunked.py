@@ -332,15 +332,17 @@ def _closed_form(
     return y, w_end, s_end, anchors
 
 
-def update_flops_per_token(dims: Sequence[tuple[int, int]], chunk_size: int, window: int, ns_steps: int) -> float:
+def update_flops_per_token(
+    dims: Sequence[tuple[int, int]], chunk_size: int, window: int, ns_steps: int, clamp: bool = False
+) -> float:
     """Matmul FLOPs per token and head of ``chunked_memory_update`` as computed (2 per multiply-add).
 
-    dims: (out, in) of each memory weight matrix; window: the Omega window c. The two paths do
-    different work for the same result: the closed form (``ns_steps == 0``) never forms per-token
-    weights, the materialised form (Muon) forms and orthogonalises b of them per chunk. Counts the
-    gradient at the anchor (forward, input gradients of layers >= 1, weight gradients or their
-    closed-form equivalents), the reads and the b x b scans; elementwise work, and the Gram terms
-    of the optional gradient clamp (O(c^2 (in + out)) per layer), are left out.
+    dims: (out, in) of each memory weight matrix; window: the Omega window c; clamp: whether
+    ``max_grad_norm`` is set. The two paths do different work for the same result: the closed form
+    (``ns_steps == 0``) never forms per-token weights, the materialised form (Muon) forms and
+    orthogonalises b of them per chunk. Counts the gradient at the anchor (forward, input gradients
+    of layers >= 1, weight gradients or their closed-form equivalents), the reads, the b x b scans
+    and the clamp's c x c Gram matrices; elementwise work is left out.
     tests/models/test_flops.py checks this against torch's FlopCounterMode on both paths.
     """
     b, c = chunk_size, window
@@ -349,11 +351,14 @@ def update_flops_per_token(dims: Sequence[tuple[int, int]], chunk_size: int, win
     # forward at the anchor, and dz back through every layer but the first
     grad = 2 * c * n_w + 2 * c * (n_w - n_w0)
     if ns_steps == 0:
+        io = sum(o + i for o, i in dims)
+        # the clamp's norms over a window come from dz and h Gram matrices (c = 1: elementwise)
+        gram = 2 * c * c * io if clamp and c > 1 else 0
         # per chunk: [W; S] reads (4 n_w b), state update from the b*c gradient factors (4 n_w b c),
         # b x (b*c) read-after-write products per layer, the 2 x 2 state mix, the b x b gate matrices
-        io = sum(o + i for o, i in dims)
-        return grad + (4 + 4 * c + 8 / b) * n_w + 2 * b * c * io + 2 * b * b + 2 * b
-    # per-token weight gradients, the two b x b scans over every weight entry, the read, and per
-    # Newton-Schulz step X X^T, A @ A and (.) @ X with m = min(out, in), n = max(out, in)
+        return grad + gram + (4 + 4 * c + 8 / b) * n_w + 2 * b * c * io + 2 * b * b + 2 * b
+    # per-token weight gradients (the clamp takes their norms elementwise), the two b x b scans over
+    # every weight entry, the read, and per Newton-Schulz step X X^T, A @ A and (.) @ X with
+    # m = min(out, in), n = max(out, in)
     ns = sum(4 * min(o, i) ** 2 * max(o, i) + 2 * min(o, i) ** 3 for o, i in dims)
     return grad + 2 * c * n_w + 2 * 2 * b * n_w + 2 * n_w + ns_steps * ns

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from hybrid_lm.kernels.titans.chunked import chunked_memory_update, update_flops_per_token
+from hybrid_lm.kernels.titans.memory_mlp import memory_dims
 from hybrid_lm.models import HybridLM, ModelConfig
 from hybrid_lm.models.attention.layer import Attention
 from hybrid_lm.models.attention.window import causal_context
@@ -170,7 +172,7 @@ TITANS_CASES = {
     "T": ("T", {}),
     "T-depth3-chunk8": ("T", {"titans": {"memory_depth": 3, "chunk_size": 8}}),
     "T-linear": ("T", {"titans": {"memory_depth": 1}}),
-    "X-muon": ("X", {"atlas": {"poly_degree": 0, "ns_steps": 2, "omega_window": 2}}),
+    "X-muon": ("X", {"atlas": {"optimizer": "muon", "poly_degree": 0, "ns_steps": 2, "omega_window": 2}}),
     "X-momentum-poly": ("X", {"atlas": {"optimizer": "momentum"}}),
     "D": ("D", {}),
     "D-window3": ("D", {"atlas": {"deep_transformer": {"omega_window": 3, "poly_degree": 0}}}),
@@ -184,6 +186,28 @@ def test_memory_layers(monkeypatch, case):
     layer = _layer(pattern, **sections)
     measured = measured_per_token(layer, torch.randn(1, 64, 32), monkeypatch)
     assert layer.flops_per_token(64) == pytest.approx(measured, rel=EXACT)
+
+
+@pytest.mark.parametrize("window", [1, 3])
+@pytest.mark.parametrize("ns_steps", [0, 2], ids=["closed-form", "muon"])
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0], ids=["no-clamp", "clamp"])
+def test_memory_kernel(window, ns_steps, max_grad_norm):
+    """The kernel alone, on every path the layers can take (the clamp's default lives in the config)."""
+    n, length, d, b = 3, 16, 8, 4
+    dims = memory_dims(d, d, 2, 2)
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(n, o, i, generator=g) / i**0.5 for o, i in dims]
+    s = [torch.zeros_like(t) for t in w]
+    k, v = torch.randn(n, length, window, d, generator=g), torch.randn(n, length, window, d, generator=g)
+    gamma, q = torch.rand(n, length, window, generator=g), torch.randn(n, length, d, generator=g)
+    theta, eta, alpha = (torch.rand(n, length, generator=g) for _ in range(3))
+    valid = torch.ones(n, length, dtype=torch.bool)
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA) as counter:
+        chunked_memory_update(w, s, w, k, v, gamma, q, theta, eta, alpha, valid, b, residual=True,
+                              ns_steps=ns_steps, max_grad_norm=max_grad_norm)
+    measured = counter.get_total_flops() / (n * length)
+    formula = update_flops_per_token(dims, b, window, ns_steps, clamp=max_grad_norm is not None)
+    assert formula == pytest.approx(measured, rel=EXACT)
 
 
 @pytest.mark.parametrize("pattern", ["G", "L", "C"])
