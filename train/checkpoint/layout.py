@@ -19,14 +19,18 @@ crash/corruption tests can exercise it without a model.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
+
+from safetensors import SafetensorError
 
 MARKER = "COMPLETE.json"
 LATEST = "latest"
@@ -35,6 +39,53 @@ _STEP_RE = re.compile(r"^step-(\d{7,})$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says which file and why."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint file could not be written (full disk, quota, I/O error); names the file and the cause."""
+
+
+# what writers raise on a failed write: Python's file I/O (OSError), torch.save (RuntimeError),
+# safetensors (its own error type)
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+# torch.save reports a full disk as "unexpected pos ..." or "file write failed", with no errno;
+# a filesystem with less than this left is taken to be the cause
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def free_bytes(path: Path) -> Optional[int]:
+    """Free bytes on the filesystem holding ``path`` (or its nearest existing parent); None if unknown."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def describe_write_error(path: Path, exc: BaseException) -> str:
+    """``<file>: <cause>`` for a failed write, in words a user can act on."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"{exc.filename or path}: {exc.strerror or os.strerror(exc.errno)}"
+    origin = "torch" if isinstance(exc, RuntimeError) else type(exc).__name__
+    cause = f"{origin}: {exc}"
+    free = free_bytes(path)
+    if free is not None and free < _NEARLY_FULL_BYTES:
+        cause = f"{os.strerror(errno.ENOSPC)} ({free} bytes free; {cause})"
+    return f"{path}: {cause}"
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn a failed write inside the block into CheckpointWriteError naming ``path`` (an inner
+    ``writing`` that already named a more precise file wins)."""
+    try:
+        yield
+    except CheckpointWriteError:
+        raise
+    except WRITE_ERRORS as exc:
+        raise CheckpointWriteError(describe_write_error(path, exc)) from exc
 
 
 def step_dir_name(step: int) -> str:

@@ -16,9 +16,11 @@ from __future__ import annotations
 import json
 import platform
 import shutil
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -55,36 +57,117 @@ def _versions() -> dict[str, str]:
 
 def save(engine, root: Path, state: TrainerState, *, rank: int, world_size: int, loader_state: dict[str, Any],
          job_config: dict[str, Any], tokenizer_file: Optional[Path], keep: int, zero_stage: int) -> Path:
-    """Write a complete checkpoint of ``state.step`` under ``root``; returns its final path."""
+    """Write a complete checkpoint of ``state.step`` under ``root``; returns its final path.
+
+    A write that fails on any rank (full disk, quota, I/O error) raises CheckpointWriteError on every
+    rank, naming the file and the cause, once the partial directory is removed (it would keep the
+    space it took); the previous complete checkpoint and ``latest`` stay as they were.
+    """
     root = Path(root)
     final = root / layout.step_dir_name(state.step)
     tmp = final.with_name(final.name + ".tmp")
+    failure: Optional[str] = None
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # a stale one from a crashed save of the same step
-        tmp.mkdir()
-    D.barrier()
-    engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
-    save_rank_state(tmp, rank, loader_state, {"world_size": world_size, "step": state.step})
+        try:
+            with layout.writing(tmp):
+                root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)  # a stale one from a crashed save of the same step
+                tmp.mkdir()
+        except layout.CheckpointWriteError as exc:
+            failure = str(exc)
+    _check_written(failure, engine.device, root, state.step, tmp, rank)
+    try:
+        with layout.writing(tmp), _deepspeed_writes_named(engine):
+            engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+            save_rank_state(tmp, rank, loader_state, {"world_size": world_size, "step": state.step})
+            if rank == 0:
+                with layout.writing(tmp / "trainer.json"):
+                    (tmp / "trainer.json").write_text(json.dumps(state.to_json(), sort_keys=True))
+                with layout.writing(tmp / "config.json"):
+                    (tmp / "config.json").write_text(json.dumps(job_config, indent=1, sort_keys=True))
+                if tokenizer_file is not None and tokenizer_file.is_file():
+                    with layout.writing(tmp / "tokenizer.json"):
+                        shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+    except layout.CheckpointWriteError as exc:
+        failure = str(exc)
+    _check_written(failure, engine.device, root, state.step, tmp, rank)
     if rank == 0:
-        (tmp / "trainer.json").write_text(json.dumps(state.to_json(), sort_keys=True))
-        (tmp / "config.json").write_text(json.dumps(job_config, indent=1, sort_keys=True))
-        if tokenizer_file is not None and tokenizer_file.is_file():
-            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
-    D.barrier()
-    if rank == 0:
-        old = final.with_name(final.name + ".replaced.tmp")
+        try:
+            _finalize(root, final, tmp, {"step": state.step, "world_size": world_size, "zero_stage": zero_stage,
+                                         "tokens": state.tokens, "versions": _versions()}, keep)
+        except layout.CheckpointWriteError as exc:
+            failure = str(exc)
+    _check_written(failure, engine.device, root, state.step, tmp, rank)
+    return final
+
+
+def _finalize(root: Path, final: Path, tmp: Path, meta: dict[str, Any], keep: int) -> None:
+    """Rank 0: rename, marker, ``latest``, purge. Until the marker exists a save of the same step
+    that ``final`` replaces stays on disk and comes back if the marker cannot be written."""
+    old = final.with_name(final.name + ".replaced.tmp")
+    with layout.writing(final):
         if final.exists():  # re-saving a step (a resume=never run in an old run dir): swap, then delete
             final.rename(old)
         tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
         layout.fsync_dir(root)
-        layout.write_marker(final, {"step": state.step, "world_size": world_size, "zero_stage": zero_stage,
-                                    "tokens": state.tokens, "versions": _versions()})
-        layout.update_latest(root, final)
-        layout.purge(root, keep)
-    D.barrier()
-    return final
+    try:
+        with layout.writing(final / layout.MARKER):
+            layout.write_marker(final, meta)
+    except layout.CheckpointWriteError:
+        shutil.rmtree(final, ignore_errors=True)
+        if old.exists():
+            old.rename(final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    try:
+        with layout.writing(root / layout.LATEST):
+            layout.update_latest(root, final)
+    except layout.CheckpointWriteError as exc:
+        # the checkpoint is complete and resume finds it by scanning the step dirs, not through `latest`
+        print(f"[checkpoint] warning: {exc}; {final.name} is complete but {layout.LATEST} still names an older one",
+              file=sys.stderr, flush=True)
+    layout.purge(root, keep)
+
+
+def _check_written(failure: Optional[str], device: torch.device, root: Path, step: int, tmp: Path, rank: int) -> None:
+    """Collective, in place of a barrier: when a write failed on any rank, every rank raises."""
+    (failed,) = D.all_reduce_sum([float(failure is not None)], device)
+    if not failed:
+        return
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # every rank has stopped writing into it
+    latest = root / layout.LATEST
+    previous = latest.read_text().strip() if latest.is_file() else "none"
+    raise layout.CheckpointWriteError(
+        f"checkpoint step {step} not saved: {failure or 'another rank could not write its files (its error names them)'}; "
+        f"nothing was marked complete, the newest complete checkpoint is still {previous}. Fix the cause (free "
+        "space) and resume: train.resume=auto continues from it.")
+
+
+@contextmanager
+def _deepspeed_writes_named(engine) -> Iterator[None]:
+    """DeepSpeed writes its files through ``engine.checkpoint_engine.save(state_dict, path)`` with
+    ``torch.save``, which reports a full disk without naming the file; wrap it for this save so the
+    error names the file."""
+    writer = getattr(engine, "checkpoint_engine", None)
+    if writer is None:
+        yield
+        return
+    own = "save" in vars(writer)
+    original = writer.save
+
+    def save(state_dict: Any, path: str) -> Any:
+        with layout.writing(Path(path)):
+            return original(state_dict, path)
+
+    writer.save = save
+    try:
+        yield
+    finally:
+        if own:
+            writer.save = original
+        else:
+            del writer.save
 
 
 def _auto_resume(root: Path) -> Optional[Path]:

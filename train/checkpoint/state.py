@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from hybrid_lm.train.checkpoint.layout import writing
+
 
 @dataclass
 class TrainerState:
@@ -95,8 +97,10 @@ def save_rank_state(ckpt: Path, rank: int, loader_state: dict[str, Any], extra: 
     meta, tensors = capture_rng()
     json_path, rng_path = rank_files(ckpt, rank)
     payload = {"rank": rank, "rng": meta, "loader": _jsonable(loader_state, "loader"), **extra}
-    json_path.write_text(json.dumps(payload, sort_keys=True))
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(rng_path))
+    with writing(json_path):
+        json_path.write_text(json.dumps(payload, sort_keys=True))
+    with writing(rng_path):
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(rng_path))
 
 
 def load_rank_state(ckpt: Path, rank: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
