@@ -6,16 +6,21 @@ from dataclasses import dataclass
 from typing import Optional
 
 
-@dataclass
-class TitansConfig:
-    """Neural memory hyperparameters (see spec/02-titans.md, spec/03-miras-atlas.md).
+@dataclass(kw_only=True)
+class MemoryUpdateConfig:
+    """How a memory layer writes and reads its weights: the fields every memory letter (Titans
+    T/C/G/L, ATLAS X/D) shares. ``TitansConfig`` (the config section) and ``MemorySpec`` (what one
+    layer is built from) both derive from it, so the list exists once.
 
-    Values the paper leaves open are marked; defaults then follow lucidrains' titans-pytorch.
+    Stability (spec 2.8): a write is one step of (mini-batch) gradient descent on
+    ``||M(k) - v||^2`` with l2-normalised keys. Within a chunk every token's gradient is taken at the
+    chunk-start weights and the b steps add up, so the effective step on a direction the keys share
+    is about ``2 theta b / (1 - eta)``; at the old defaults (theta 0.5, b 16, eta 0.5) that is ~32,
+    far beyond what the loss tolerates (< 2), and the memory weights overflowed within 64 tokens.
+    The defaults below keep the step inside that range at initialisation, and the gradient soft clamp
+    bounds every write whatever the gates learn, so the state stays bounded at any length.
     """
 
-    n_heads: int = 4
-    """memory heads; each head has its own deep memory over d_model / n_heads channels
-    (also the head count of the attention inside MAC/MAG/MAL)"""
     memory_depth: int = 2
     """layers of the memory MLP whose weights are the recurrent state"""
     memory_expansion: int = 4
@@ -26,14 +31,48 @@ class TitansConfig:
     """tokens per parallel chunk (gradients taken at the memory the chunk started with)"""
     conv_size: int = 4
     """depthwise causal conv on q/k/v (kernel 4 per Miras/ATLAS); 0 disables"""
-    theta_max: float = 1.0
-    """inner learning rate theta_t = theta_max * sigmoid(.) (lucidrains module default)"""
+    theta_max: float = 0.1
+    """bound of the inner learning rate, theta_t = theta_max * sigmoid(.). 0.1 is lucidrains'
+    train_mac.py value (its module default, 1.0, diverges here: measured NaN within 64 tokens at
+    theta_max 1.0 and 0.25, finite at 0.1 with chunk 16). We keep the paper's summed squared
+    error rather than titans-pytorch's mean over the value dim: our keys are l2-normalised, so the
+    per-token curvature is 2 at any head width, and a mean would shrink the step by the head dim"""
     theta_bias_init: float = 0.0
     """initial bias of the learning-rate gate: theta = theta_max / 2 at init"""
     momentum_bias_init: float = 0.0
     """initial bias of the momentum gate: eta = 0.5 at init (paper silent)"""
     decay_bias_init: float = -4.0
     """initial bias of the forget gate: alpha ~ 0.018 at init, i.e. slow forgetting (paper silent)"""
+    max_grad_norm: Optional[float] = 1.0
+    """soft clamp of every token's inner gradient, per memory layer and head: a gradient of
+    Frobenius norm g is rescaled to ``max_grad_norm * tanh(g / max_grad_norm)`` (titans-pytorch's
+    ``max_grad_norm`` option, here on by default). It bounds each write by theta_max *
+    max_grad_norm, so the momentum and the weights stay bounded for any gates, chunk size and
+    length (the bound is in kernels/titans/chunked.py); without it a gate that learns to saturate
+    (theta -> theta_max, or a chunk of 64) diverged in our measurements. At initialisation token
+    gradients are ~1.4-2.2, so it acts as a gentle normalisation. None switches it off (the
+    paper's plain rule); Muon (``atlas.optimizer: muon``) is bounded by its orthogonalisation."""
+
+    def validate(self) -> None:
+        """Values impossible for any memory layer."""
+        from hybrid_lm.typed_config import require_at_least, require_positive
+
+        require_at_least(self, 1, "memory_depth", "memory_expansion", "chunk_size")
+        require_at_least(self, 0, "conv_size")
+        require_positive(self, "theta_max", "max_grad_norm")  # max_grad_norm: null switches the clamp off
+
+
+@dataclass(kw_only=True)
+class TitansConfig(MemoryUpdateConfig):
+    """Neural memory hyperparameters (see spec/02-titans.md, spec/03-miras-atlas.md): the memory
+    fields of ``MemoryUpdateConfig`` plus heads and the attention of MAC/MAG/MAL.
+
+    Values the paper leaves open are marked; defaults then follow lucidrains' titans-pytorch.
+    """
+
+    n_heads: int = 4
+    """memory heads; each head has its own deep memory over d_model / n_heads channels
+    (also the head count of the attention inside MAC/MAG/MAL)"""
     n_persistent: int = 4
     """learned persistent key/value pairs prepended to the attention of MAC/MAG/MAL (lucidrains: 4)"""
     window: int = 32
@@ -50,9 +89,9 @@ class TitansConfig:
         the fit with d_model and the pattern)."""
         from hybrid_lm.typed_config import require_at_least, require_positive
 
-        require_at_least(self, 1, "n_heads", "memory_depth", "memory_expansion", "chunk_size", "window",
-                         "segment_len", "head_dim")
-        require_at_least(self, 0, "conv_size", "n_persistent", "theta_max")
+        super().validate()
+        require_at_least(self, 1, "n_heads", "window", "segment_len", "head_dim")
+        require_at_least(self, 0, "n_persistent")
         require_positive(self, "rope_base")
 
     def validate_for_model(self, d_model: int, layer_pattern: str) -> None:

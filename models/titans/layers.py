@@ -11,6 +11,7 @@ flat ``dict[str, Tensor]`` with the sub-layer's keys prefixed (``mem.``, ``attn.
 """
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 from hybrid_lm.models.common.mixer import Layer, State
 from hybrid_lm.models.common.registry import register_layer
 from hybrid_lm.models.titans.attention import SlidingWindowAttention
+from hybrid_lm.models.titans.config import MemoryUpdateConfig
 from hybrid_lm.models.titans.memory import MemorySpec, NeuralMemory
 
 if TYPE_CHECKING:
@@ -26,18 +28,11 @@ if TYPE_CHECKING:
 
 
 def memory_spec(config: "ModelConfig", **overrides: object) -> MemorySpec:
-    """MemorySpec from the ``titans`` section (ATLAS builders pass their overrides)."""
+    """MemorySpec from the ``titans`` section (ATLAS builders pass their overrides). The section
+    was validated with the model config (``TitansConfig.validate``/``validate_for_model``)."""
     t = config.titans
-    if t.head_dim is None and config.d_model % t.n_heads:
-        raise ValueError(f"ModelConfig.titans.n_heads: {t.n_heads} does not divide d_model={config.d_model}")
-    if t.chunk_size < 1:
-        raise ValueError(f"ModelConfig.titans.chunk_size: must be >= 1, got {t.chunk_size}")
-    kw = dict(
-        d_model=config.d_model, n_heads=t.n_heads, head_dim=t.head_dim or config.d_model // t.n_heads,
-        depth=t.memory_depth, expansion=t.memory_expansion, residual=t.memory_residual, chunk_size=t.chunk_size,
-        conv_size=t.conv_size, theta_max=t.theta_max, theta_bias_init=t.theta_bias_init,
-        momentum_bias_init=t.momentum_bias_init, decay_bias_init=t.decay_bias_init,
-    )
+    shared = {f.name: getattr(t, f.name) for f in fields(MemoryUpdateConfig)}
+    kw = dict(shared, d_model=config.d_model, n_heads=t.n_heads, head_dim=t.head_dim or config.d_model // t.n_heads)
     kw.update(overrides)
     return MemorySpec(**kw)  # type: ignore[arg-type]
 

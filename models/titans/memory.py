@@ -35,26 +35,19 @@ from torch import nn
 from hybrid_lm.kernels.titans.chunked import chunked_memory_update, update_flops_per_token
 from hybrid_lm.kernels.titans.memory_mlp import memory_dims
 from hybrid_lm.models.common.mixer import Layer, State, linear_flops
+from hybrid_lm.models.titans.config import MemoryUpdateConfig
 from hybrid_lm.models.titans.features import PolyForm, PolynomialFeatures
 from hybrid_lm.models.titans.streams import Streams, build_streams, causal_windows
 
 
-@dataclass
-class MemorySpec:
-    """Everything one memory layer needs (built from TitansConfig [+ AtlasConfig])."""
+@dataclass(kw_only=True)
+class MemorySpec(MemoryUpdateConfig):
+    """Everything one memory layer needs: the shared memory fields (``MemoryUpdateConfig``, copied
+    from the ``titans`` section) plus its width and the ATLAS/DeepTransformer options."""
 
     d_model: int
     n_heads: int
     head_dim: int
-    depth: int = 2
-    expansion: int = 4
-    residual: bool = True
-    chunk_size: int = 16
-    conv_size: int = 4
-    theta_max: float = 1.0
-    theta_bias_init: float = 0.0
-    momentum_bias_init: float = 0.0
-    decay_bias_init: float = -4.0
     omega_window: int = 1
     poly_degree: int = 0
     poly_form: PolyForm = "tensor"
@@ -85,8 +78,8 @@ class NeuralMemory(Layer):
         self.gates = nn.Linear(spec.d_model, self.n_gates * h, bias=True)
         self.features = PolynomialFeatures(dh, spec.poly_degree, spec.poly_form) if spec.poly_degree > 0 else None
         self.d_key = self.features.out_dim if self.features is not None else dh
-        self.residual = spec.residual and self.d_key == dh
-        self.dims = memory_dims(self.d_key, dh, spec.depth, spec.expansion)
+        self.residual = spec.memory_residual and self.d_key == dh
+        self.dims = memory_dims(self.d_key, dh, spec.memory_depth, spec.memory_expansion)
         self.w0 = nn.ParameterList(nn.Parameter(torch.empty(h, o, i)) for o, i in self.dims)
         self.out_norm = nn.RMSNorm(dh)
         self.gate_proj = nn.Linear(spec.d_model, h * dh, bias=False)
@@ -183,6 +176,7 @@ class NeuralMemory(Layer):
         y, w_end, s_end, anchors = chunked_memory_update(
             w, sm, anc, fold["k"], fold["v"], fold["gamma"], fold["q"], fold["theta"], fold["eta"], fold["alpha"],
             valid, self.spec.chunk_size, residual=self.residual, ns_steps=self.spec.ns_steps, bias=self.spec.bias,
+            max_grad_norm=self.spec.max_grad_norm,
         )
         y = streams.scatter(y.view(n, h, length, -1).transpose(1, 2), state["offset"].numel())
         b = self.spec.chunk_size
@@ -232,5 +226,6 @@ class NeuralMemory(Layer):
         d, h, dh = s.d_model, s.n_heads, s.head_dim
         proj = linear_flops(d, 3 * h * dh) + linear_flops(d, self.n_gates * h) + linear_flops(d, h * dh) + linear_flops(h * dh, d)
         conv = 2.0 * s.conv_size * 3 * h * dh  # depthwise, as an einsum over the window
-        kernel = h * update_flops_per_token(self.dims, s.chunk_size, s.omega_window, s.ns_steps)
+        kernel = h * update_flops_per_token(self.dims, s.chunk_size, s.omega_window, s.ns_steps,
+                                            clamp=s.max_grad_norm is not None)
         return proj + conv + kernel

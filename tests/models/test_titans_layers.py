@@ -219,7 +219,10 @@ def test_deep_transformer_has_its_own_config() -> None:
                                   "atlas": {"omega_window": 3, "deep_transformer": {"poly_degree": 1}}})
     x_layer, d_layer = (get_layer_spec(c).build(cfg, 0) for c in "XD")
     xs, ds = x_layer.spec, d_layer.spec
-    assert (xs.omega_window, xs.poly_degree, xs.ns_steps, xs.bias, xs.momentum, xs.decay) == (3, 2, 5, "l2", True, True)
+    # X defaults to plain momentum (atlas.optimizer: muon materialises per-token weights)
+    assert (xs.omega_window, xs.poly_degree, xs.ns_steps, xs.bias, xs.momentum, xs.decay) == (3, 2, 0, "l2", True, True)
+    cfg.atlas.optimizer = "muon"
+    assert get_layer_spec("X").build(cfg, 0).spec.ns_steps == cfg.atlas.ns_steps == 5
     assert (ds.omega_window, ds.poly_degree, ds.ns_steps, ds.bias, ds.momentum, ds.decay) == (1, 1, 0, "dot", False, False)
     assert d_layer.gate_names == ("theta",) and x_layer.gate_names == ("theta", "eta", "alpha", "gamma")
     assert d_layer.d_key == 1 + 8 and x_layer.d_key == 1 + 8 + 64
@@ -240,9 +243,10 @@ def test_linear_deep_transformer_is_unnormalised_kernel_attention(chunk: int, fo
         y_t = W_0 phi(q_t) + sum_{i<=t, same document} theta_i v_i sum_p a_p (q_t . k_i)^p
 
     with a_p = 1/p! at init (degree-2 Taylor series of exp(q.k), the kernel of softmax attention).
-    Any chunk size gives the same (the gradients do not depend on the weights)."""
+    Any chunk size gives the same (the gradients do not depend on the weights). The identity is
+    the paper's plain rule, so the gradient soft clamp (on by default) is switched off here."""
     cfg = small_config()
-    cfg.titans.memory_depth, cfg.titans.chunk_size = 1, chunk
+    cfg.titans.memory_depth, cfg.titans.chunk_size, cfg.titans.max_grad_norm = 1, chunk, None
     cfg.atlas.deep_transformer.poly_form = form
     torch.manual_seed(0)
     layer = get_layer_spec("D").build(cfg, 0).to(DT)
