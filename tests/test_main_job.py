@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_main_job_on_debug_config(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "hybrid_lm.cli", "run", str(ROOT / "configs/debug.yaml"), "--artifacts", str(tmp_path),

@@ -83,6 +83,7 @@ def test_remainder_is_less_than_a_batch_per_reader(synthetic, cfg_for):
 
 @pytest.mark.parametrize("epoch", [0, 1])
 @pytest.mark.parametrize("corpus", ["30 equal shards", "26 unequal shards"])
+@pytest.mark.slow
 def test_corpus_that_does_not_fit_2_ranks_x_2_workers(synthetic, cfg_for, corpus, epoch):
     # what lost 7.0% / 4.9% of the tokens per epoch with whole shards dealt to the 4 readers
     if corpus == "30 equal shards":

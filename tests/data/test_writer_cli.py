@@ -69,6 +69,7 @@ def test_samples_hold_documents(tmp_path):
     assert m["totals"]["docs"] == 12 and sum(entry["sample_tokens"]) == entry["tokens"]
 
 
+@pytest.mark.slow
 def test_cli_build_inspect_and_train_loader(tmp_path):
     out = tmp_path / "shards"
     r = _cli("build", "--input", "stdlib", "--out", str(out), "--max-docs", "30", "--shard-tokens", "40000",
@@ -97,6 +98,7 @@ def test_cli_build_inspect_and_train_loader(tmp_path):
     assert r.returncode == 1 and shard.name in r.stdout
 
 
+@pytest.mark.slow
 def test_cli_bpe_from_jsonl(tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n"}) for i in range(200)))

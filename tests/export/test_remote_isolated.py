@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from export_helpers import prompt, save_tiny
 
@@ -47,6 +48,7 @@ print(json.dumps({"logits": logits.tolist(), "tokens": tokens.tolist(), "hybrid_
 """
 
 
+@pytest.mark.slow
 def test_remote_export_works_without_hybrid_lm(tmp_path):
     src, model = save_tiny(tmp_path, "remote_titans")
     out = export_checkpoint(src, tmp_path / "hf")

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 import synthetic
@@ -57,6 +58,7 @@ def _assert_latest_is_complete(ckpt_root: Path) -> None:
         layout.verify(named)  # raises if incomplete or corrupt
 
 
+@pytest.mark.slow
 def test_sigkill_during_saves_never_leaves_latest_incomplete(tmp_path):
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
     for run_dir in (reference_dir, killed_dir):

@@ -24,7 +24,7 @@ def test_loss_falls(tmp_path):
     assert after < before - 1.0, (before, after)
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2])
+@pytest.mark.parametrize("zero_stage", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_exact_resume_single_process(tmp_path, zero_stage):
     straight = _run(tmp_path / "a", steps=8, zero_stage=zero_stage, gas=2)
     first = _run(tmp_path / "b", steps=8, zero_stage=zero_stage, gas=2, train={"stop_at": 4})

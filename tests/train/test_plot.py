@@ -4,6 +4,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from hybrid_lm.train.plot import ema, read_metrics, series
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -25,6 +27,7 @@ def plot_cli(*args):
                           text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_plot_cli_writes_png(tmp_path):
     write_metrics(tmp_path)
     result = plot_cli(tmp_path)
@@ -33,6 +36,7 @@ def test_plot_cli_writes_png(tmp_path):
     assert png[:8] == PNG_MAGIC and png[12:16] == b"IHDR" and len(png) > 10_000
 
 
+@pytest.mark.slow
 def test_plot_cli_out_and_metrics(tmp_path):
     write_metrics(tmp_path, prefixed=False)
     out = tmp_path / "custom.png"

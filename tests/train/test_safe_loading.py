@@ -141,7 +141,7 @@ def test_allowlist_is_exactly_what_deepspeed_checkpoints_contain(runs):
     assert found == {f"{c.__module__}.{c.__qualname__}" for c in safe_load.allowlist()}
 
 
-@pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.parametrize("stage", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_exact_resume_through_weights_only_loads(tmp_path, stage):
     """ZeRO 0 and 2 are covered by test_engine.test_exact_resume_single_process; 1 and 3 here."""
     straight = _run(tmp_path / "a", steps=6, zero_stage=stage, gas=2)

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 import synthetic
 from hybrid_lm.train.checkpoint import layout, load_model_state
 
@@ -25,6 +27,7 @@ def _first_metrics_line(run_dir: Path, proc: subprocess.Popen, timeout_s: float 
     raise AssertionError("no step was logged in time")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_loadable_checkpoint_and_exits_zero(tmp_path):
     run_dir = tmp_path / "run"
     job = synthetic.job_dict(run_dir, steps=100_000, checkpoint={"every": 0})

@@ -1,5 +1,6 @@
 """The optional loss-spike guard (RELIABILITY.md, Faults): an outlier loss skips its update on every
 rank, is counted, and the window it compares against survives a resume bitwise."""
+import pytest
 import torch
 
 import synthetic
@@ -43,6 +44,7 @@ def test_guard_unit_rules():
     assert not SpikeGuard(sigma=0.0, window=4, max_consecutive=2).check(TrainerState(loss_window=[1.0] * 4), 1e9, 0)
 
 
+@pytest.mark.slow
 def test_poisoned_batch_is_skipped_and_changes_nothing(tmp_path, capsys):
     result = _run(tmp_path)
     assert result.state.spike_skipped == 1
@@ -54,6 +56,7 @@ def test_poisoned_batch_is_skipped_and_changes_nothing(tmp_path, capsys):
     assert f"step {POISONED_STEP + 1}: loss" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_guard_window_survives_resume_bitwise(tmp_path):
     straight = _run(tmp_path / "a")
     first = _run(tmp_path / "b", stop_at=POISONED_STEP - 2)
