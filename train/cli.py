@@ -19,8 +19,12 @@ import argparse
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from hybrid_lm.typed_config import ConfigError
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +33,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc-per-node", type=int, default=0,
                         help="validate here, then start this many local workers with torchrun")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+
+
+def worker_exit_code(exc: ChildFailedError) -> tuple[int, int]:
+    """(global rank, exit code) of the worker whose failure ended a ``--nproc-per-node`` run.
+
+    torchrun SIGTERMs the other workers once one fails, and its failure timestamps have one-second
+    resolution, so its "first failure" can be a worker it killed itself. A worker that exited on its
+    own (code > 0) is the cause; only when every worker died by a signal N is the code 128 + N.
+    """
+    own = {rank: f for rank, f in exc.failures.items() if f.exitcode > 0}
+    rank, failure = min((own or exc.failures).items(), key=lambda item: (item[1].timestamp, item[0]))
+    return rank, failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
 
 
 def main(args: argparse.Namespace) -> int:
@@ -55,8 +71,7 @@ def main(args: argparse.Namespace) -> int:
         except ChildFailedError as exc:
             # the workers have printed their one-line reason; keep their exit code (2, 3, ...) rather
             # than torchrun's traceback and exit code 1
-            rank, failure = exc.get_first_failure()
-            code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode  # killed by a signal
+            rank, code = worker_exit_code(exc)
             print(f"hybrid-lm train: worker rank {rank} exited with code {code}", file=sys.stderr)
             return code
         return 0
