@@ -99,3 +99,22 @@ def test_one_rank_failing_to_write_stops_every_rank_without_a_hang(tmp_path):
     assert all("the newest complete checkpoint is still step-0000002" in m for m in messages)
     root = tmp_path / "checkpoints"
     assert not (root / FAILING).exists() and layout.newest_complete(root) == root / "step-0000002"
+
+
+def test_a_resave_that_cannot_write_its_marker_keeps_the_old_copy_of_that_step(tmp_path, monkeypatch):
+    _run(tmp_path, steps=2)
+    old = tmp_path / "checkpoints" / layout.step_dir_name(2)
+    before = layout.verify(old)
+    real = layout.write_json_atomic
+
+    def write_json_atomic(path, data):
+        if path.name == layout.MARKER:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path) + ".tmp")
+        return real(path, data)
+
+    monkeypatch.setattr(layout, "write_json_atomic", write_json_atomic)
+    job = synthetic.job_dict(tmp_path, steps=2, checkpoint={"every": 2, "keep": 2}, train={"resume": "never"})
+    with pytest.raises(CheckpointError, match="COMPLETE.json.tmp: No space left on device"):
+        train(job_config_from_dict(job), make_loader=synthetic.factory())
+    assert layout.verify(old) == before  # the first run's step 2, intact
+    assert sorted(p.name for p in old.parent.iterdir()) == ["latest", "step-0000002"]

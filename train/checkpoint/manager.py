@@ -103,20 +103,22 @@ def save(engine, root: Path, state: TrainerState, *, rank: int, world_size: int,
 
 def _finalize(root: Path, final: Path, tmp: Path, meta: dict[str, Any], keep: int) -> None:
     """Rank 0: rename, marker, ``latest``, purge. Until the marker exists a save of the same step
-    that ``final`` replaces stays on disk and comes back if the marker cannot be written."""
+    that ``final`` replaces stays on disk, and it is put back if the new one cannot be completed."""
     old = final.with_name(final.name + ".replaced.tmp")
-    with layout.writing(final):
-        if final.exists():  # re-saving a step (a resume=never run in an old run dir): swap, then delete
-            final.rename(old)
-        tmp.rename(final)
-        layout.fsync_dir(root)
     try:
+        with layout.writing(final):
+            if final.exists():  # re-saving a step (a resume=never run in an old run dir): swap, then delete
+                final.rename(old)
+            tmp.rename(final)
+            layout.fsync_dir(root)
         with layout.writing(final / layout.MARKER):
             layout.write_marker(final, meta)
     except layout.CheckpointWriteError:
-        shutil.rmtree(final, ignore_errors=True)
         if old.exists():
+            shutil.rmtree(final, ignore_errors=True)
             old.rename(final)
+        elif not (final / layout.MARKER).is_file():
+            shutil.rmtree(final, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
     try:
