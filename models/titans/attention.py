@@ -93,7 +93,7 @@ class SlidingWindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, state: Optional[State], doc_ids: Optional[torch.Tensor]) -> tuple[torch.Tensor, State]:
         """x (B, T, D) -> (B, T, D) and the new cache."""
-        bsz, seq_len, d = x.shape
+        bsz, seq_len, _ = x.shape
         h, dh, c = self.n_heads, self.head_dim, self.window - 1
         if state is None:
             state = self.init_state(bsz, x.device, x.dtype)
@@ -110,7 +110,7 @@ class SlidingWindowAttention(nn.Module):
             out = self._blocked(q, keys, vals, kdocs, kvalid, pers)
         else:
             out = self._dense(q, keys, vals, kdocs, kvalid, docs, pers)
-        y = self.o_proj(out.transpose(1, 2).reshape(bsz, seq_len, d))
+        y = self.o_proj(out.transpose(1, 2).reshape(bsz, seq_len, -1))  # -1: the local heads under TP
         n_keys = keys.size(2)
         keep_valid = kvalid[:, kvalid.size(1) - c :] & (kdocs[:, kdocs.size(1) - c :] == docs[:, -1:])
         new_state = {

@@ -86,7 +86,7 @@ class MemoryAsContext(Layer):
         position_ids: Optional[torch.Tensor] = None, return_state: bool = False,
     ) -> tuple[torch.Tensor, Optional[State]]:
         """x (B, T, D) -> (B, T, D)."""
-        bsz, seq_len, d = x.shape
+        bsz, seq_len, _ = x.shape
         if state is None:
             state = self.init_state(bsz, device=x.device, dtype=x.dtype)
         C, H, dh, a = self.seg, self.h, self.dh, self.attn
@@ -128,7 +128,7 @@ class MemoryAsContext(Layer):
                 keys, vals = torch.cat([pers[0], k], dim=2), torch.cat([pers[1], v], dim=2)
                 mask = torch.cat([mask.new_ones(n, C, a.persistent.n), mask], dim=2)
             att = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask[:, None])
-            y = a.o_proj(att.transpose(1, 2).reshape(n, C, d))
+            y = a.o_proj(att.transpose(1, 2).reshape(n, C, -1))  # -1: the local heads under TP
             inputs, _ = self.memory.project(y, self.memory.init_state(n, device=x.device, dtype=x.dtype), None)
             fold = {name: t.transpose(1, 2).flatten(0, 1) for name, t in inputs.items()}
             m, w, s, seg_anchors = chunked_memory_update(

@@ -1,0 +1,85 @@
+"""The tensor- and data-parallel process groups, made by megatron-core's ``parallel_state``.
+
+    info = distributed.init_distributed()               # the default group (torchrun or 1 rank)
+    groups = process_groups.init_process_groups(tensor_parallel=2)
+    groups.tp_group, groups.tp_rank, groups.dp_group, ...
+
+Megatron's layout (order ``tp-cp-ep-dp-pp``) puts the tensor-parallel ranks innermost: with 4
+ranks and TP=2, ranks {0, 1} and {2, 3} each hold one copy of the model split in two, and {0, 2},
+{1, 3} are the data-parallel groups. So a TP group stays on one node, where its per-layer
+all-reduces are cheapest. Pipeline and context parallelism stay 1 for now.
+
+megatron-core keeps the groups in module globals; its tensor-parallel mappings and
+``vocab_parallel_cross_entropy`` read them, and DeepSpeed accepts the module itself as ``mpu``.
+Everything here works on gloo (CPU) as on NCCL: only the groups are made, none of Megatron's CUDA
+RNG tracker or CUDA-allocating collectives are touched.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+
+
+def parallel_state() -> Any:
+    """megatron.core.parallel_state, imported without its warnings about missing Transformer
+    Engine/Apex (optional CUDA extensions we do not use)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+        from megatron.core import parallel_state as ps
+    return ps
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    tp_group: Any
+    tp_rank: int
+    tp_size: int
+    dp_group: Any
+    dp_rank: int
+    dp_size: int
+
+
+def init_process_groups(tensor_parallel: int = 1, *, timeout_s: float = 600.0) -> ParallelGroups:
+    """Create the groups for ``tensor_parallel`` x (world / tensor_parallel) data parallel; call
+    after ``distributed.init_distributed()`` on every rank. Idempotent for the same degree."""
+    if not dist.is_initialized():
+        raise RuntimeError("init_process_groups: torch.distributed is not initialised (call init_distributed first)")
+    world = dist.get_world_size()
+    if tensor_parallel < 1 or world % tensor_parallel:
+        raise ValueError(f"parallel.tensor_parallel={tensor_parallel} does not divide the world size {world} "
+                         f"(launch a multiple of {tensor_parallel} processes)")
+    ps = parallel_state()
+    if ps.model_parallel_is_initialized():
+        if ps.get_tensor_model_parallel_world_size() != tensor_parallel:
+            raise RuntimeError(f"process groups exist for tensor_parallel={ps.get_tensor_model_parallel_world_size()}, "
+                               f"asked for {tensor_parallel}; call destroy_process_groups() first")
+    else:
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=1, context_parallel_size=1,
+            distributed_timeout_minutes=max(1, round(timeout_s / 60)),
+            # Megatron's extra gloo copies of the DP groups serve its own distributed optimizer only
+            create_gloo_process_groups=False,
+        )
+    return current_groups()
+
+
+def current_groups() -> ParallelGroups:
+    """The groups made by ``init_process_groups`` (raises when there are none)."""
+    ps = parallel_state()
+    if not ps.model_parallel_is_initialized():
+        raise RuntimeError("tensor-parallel process groups are not initialised (call init_process_groups)")
+    return ParallelGroups(
+        tp_group=ps.get_tensor_model_parallel_group(), tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_size=ps.get_tensor_model_parallel_world_size(), dp_group=ps.get_data_parallel_group(),
+        dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+    )
+
+
+def destroy_process_groups() -> None:
+    """Forget Megatron's groups (before ``distributed.destroy_distributed``, or to re-initialise)."""
+    ps = parallel_state()
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
