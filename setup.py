@@ -1,22 +1,23 @@
-"""Maps the repository's top-level folders onto the one importable package ``hybrid_lm``.
+"""Lists the one importable package, ``hybrid_lm``, and the subpackages it reaches.
 
 The layout is the architecture (models/, kernels/, data/, train/, launch/, export/), but bare
-top-level names such as ``data`` or ``models`` would collide with other installed packages, so
-each folder installs as ``hybrid_lm.<folder>``. Everything else lives in pyproject.toml.
+top-level names such as ``data`` or ``kernels`` would collide with other installed packages, so
+each folder is reached only as ``hybrid_lm.<folder>``, through the symlink ``hybrid_lm/<folder>
+-> ../<folder>``. The folders themselves have no ``__init__.py``: a folder without one is only a
+namespace portion, which the import system passes over in favour of a regular package anywhere on
+``sys.path``, so running from the checkout's root cannot shadow an installed ``kernels``.
+Everything else lives in pyproject.toml.
 """
 from setuptools import find_packages, setup
 
 TOP_LEVEL = ["models", "kernels", "data", "train", "launch", "export"]
 
-package_dir = {"hybrid_lm": "hybrid_lm"}
 packages = ["hybrid_lm"]
 for folder in TOP_LEVEL:
-    package_dir[f"hybrid_lm.{folder}"] = folder
     packages.append(f"hybrid_lm.{folder}")
-    for sub in find_packages(folder):
-        packages.append(f"hybrid_lm.{folder}.{sub}")
+    packages.extend(f"hybrid_lm.{folder}.{sub}" for sub in find_packages(folder))
 
-setup(package_dir=package_dir, packages=packages, package_data={
+setup(packages=packages, package_data={
         "hybrid_lm.export": ["remote/template/*.py", "README.md"],
         "hybrid_lm.kernels": ["*/README.md"],
     })

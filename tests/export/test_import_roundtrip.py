@@ -49,7 +49,7 @@ def test_import_then_export_gives_identical_tensors(tmp_path, make):
     for name, tensor in before.items():
         assert torch.equal(tensor, after[name]), name
     # and our model built from the import computes what the HF model computes
-    from hybrid_lm.models import HybridLM
+    from hybrid_lm.models.hybrid import HybridLM
 
     ours = HybridLM(config).eval()
     ours.load_state_dict(state)

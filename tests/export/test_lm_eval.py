@@ -20,7 +20,7 @@ from export_helpers import save_tiny
 
 from hybrid_lm.data.tokenizer import Tokenizer
 from hybrid_lm.export.api import export_checkpoint
-from hybrid_lm.models import HybridLM
+from hybrid_lm.models.hybrid import HybridLM
 
 pytest.importorskip("lm_eval", reason="lm-eval is the 'eval' extra: pip install -e '.[eval]'")
 TASK_DIR = Path(__file__).parent / "lm_eval_task"

@@ -134,7 +134,7 @@ def test_explicit_flash_backend_without_flash_attn_fails_loudly():
         layer(x)
     with pytest.raises(RuntimeError, match="flash-attn is not installed"):  # decoding too: no silent SDPA
         layer.step(x[:, 0], layer.init_state(2, device=x.device, dtype=x.dtype))
-    from hybrid_lm.models import HybridLM
+    from hybrid_lm.models.hybrid import HybridLM
     from hybrid_lm.models.config import ModelConfig
     from hybrid_lm.typed_config import from_dict
 

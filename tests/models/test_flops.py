@@ -31,7 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hybrid_lm.kernels.titans.chunked import chunked_memory_update, update_flops_per_token
 from hybrid_lm.kernels.titans.memory_mlp import memory_dims
-from hybrid_lm.models import HybridLM, ModelConfig
+from hybrid_lm.models.config import ModelConfig
+from hybrid_lm.models.hybrid import HybridLM
 from hybrid_lm.models.attention.layer import Attention
 from hybrid_lm.models.attention.window import causal_context
 from hybrid_lm.models.common.mlp import SwiGLU

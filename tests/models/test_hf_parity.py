@@ -4,7 +4,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hybrid_lm.models import AttentionConfig, HybridLM, Mamba2Config, ModelConfig  # noqa: E402
+from hybrid_lm.models.config import AttentionConfig, Mamba2Config, ModelConfig  # noqa: E402
+from hybrid_lm.models.hybrid import HybridLM  # noqa: E402
 from hybrid_lm.models.attention.hf_mapping import (  # noqa: E402
     from_hf_llama_state_dict, hf_llama_config_kwargs, to_hf_llama_state_dict)
 from hybrid_lm.models.mamba2.hf_mapping import (  # noqa: E402

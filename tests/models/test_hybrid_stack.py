@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from hybrid_lm.models import AttentionConfig, HybridLM, Mamba2Config, ModelConfig, ModelConfigError
+from hybrid_lm.models.config import AttentionConfig, Mamba2Config, ModelConfig, ModelConfigError
+from hybrid_lm.models.hybrid import HybridLM
 
 
 def tiny_config(pattern="MA-M-A-", **overrides):

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid_lm.models import HybridLM, ModelConfig
+from hybrid_lm.models.config import ModelConfig
+from hybrid_lm.models.hybrid import HybridLM
 from hybrid_lm.train.evaluation import (EvalConfig, EvalContext, eval_hooks, passkey_prompt, register_eval_hook,
                                         run_evals)
 from hybrid_lm.typed_config import ConfigError, from_dict

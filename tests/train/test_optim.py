@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from hybrid_lm.models import HybridLM
+from hybrid_lm.models.hybrid import HybridLM
 from hybrid_lm.models.config import ModelConfig
 from hybrid_lm.train.optim import OptimConfig, build_optimizer, param_groups
 from hybrid_lm.typed_config import from_dict
