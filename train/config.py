@@ -22,6 +22,7 @@ from hybrid_lm.train.evaluation import EvalConfig, resolve_hooks
 from hybrid_lm.train.optim import OptimConfig
 from hybrid_lm.train.parallelize import ParallelConfig
 from hybrid_lm.train.schedules import ScheduleConfig, build_lr_schedule
+from hybrid_lm.train.tensor_parallel import check_tensor_parallel
 from hybrid_lm.typed_config import ConfigError, apply_overrides, from_dict, load_file, to_dict
 
 
@@ -98,6 +99,13 @@ class JobConfig:
     def validate(self) -> None:
         """The rules that span sections; each section has checked its own values already."""
         build_lr_schedule(self.schedule, self.train.steps, self.optim.lr)  # warm-up etc. against train.steps
+        tp = self.parallel.tensor_parallel
+        check_tensor_parallel(self.model, tp)  # heads, groups, MLP width, vocab: each family's requirements
+        if tp > 1:
+            # the split model exists (train/tensor_parallel.py), but the loop still gives every rank
+            # its own data and DeepSpeed all ranks as data parallel: refuse rather than train wrongly
+            raise ConfigError(f"parallel.tensor_parallel: {tp} is not supported by the training loop yet "
+                              "(issue 10: the loader and DeepSpeed need the data-parallel groups); use 1")
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -6,8 +6,10 @@ way torchtitan's ``parallelize_*`` functions apply FSDP/TP. Nothing else in the 
 DeepSpeed except ``distributed.py`` (process group) and ``checkpoint/`` (its save/load and
 consolidation tools).
 
-The data-parallel degree is the world size (no TP/PP yet), and ``ParallelConfig.validate`` says
-so in words rather than letting DeepSpeed fail on a batch-size assertion.
+The data-parallel degree is the world size (no PP yet; tensor parallelism is split off by
+``tensor_parallel.apply_tensor_parallel`` before this wrapper, and not yet wired into the loop),
+and ``ParallelConfig.validate`` says so in words rather than letting DeepSpeed fail on a
+batch-size assertion.
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ class ParallelConfig:
     """auto: bf16 on CUDA, fp32 on CPU"""
     timeout_s: float = 600.0
     """collective timeout: a rank stuck this long before a collective fails the job instead of hanging"""
+    tensor_parallel: int = 1
+    """ranks that split each layer by heads / hidden units (megatron-core layout, ``train/tensor_parallel.py``);
+    the model's head counts, vocab and MLP width must be divisible by it (checked at config load)"""
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -43,6 +48,8 @@ class ParallelConfig:
             raise ConfigError("parallel.cpu_offload: needs zero_stage >= 1")
         if not 0 < self.timeout_s < float("inf"):
             raise ConfigError(f"parallel.timeout_s: must be > 0, got {self.timeout_s}")
+        if self.tensor_parallel < 1:
+            raise ConfigError(f"parallel.tensor_parallel: must be >= 1, got {self.tensor_parallel}")
 
     def resolved_dtype(self, device: torch.device) -> str:
         if self.dtype != "auto":
