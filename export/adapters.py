@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 
-from hybrid_lm.export.model_dir import ExportError, SpecialIds
 from hybrid_lm.models.config import ModelConfig
+from hybrid_lm.models.model_dir import ExportError, SpecialIds
 
 
 class Adapter:

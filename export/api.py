@@ -20,11 +20,12 @@ from typing import Optional
 import torch
 
 from hybrid_lm.export.adapters import select
-from hybrid_lm.export.model_dir import (ExportError, SpecialIds, check_state_dict, is_model_dir, load_model_dir,
-                                        prepare_out_dir, recorded_special_ids)
 from hybrid_lm.export.tokenizer import ids_outside_vocab, special_token_ids, write_tokenizer
 from hybrid_lm.export.weights import parse_dtype
 from hybrid_lm.models.config import ModelConfig
+from hybrid_lm.models.model_dir import (ExportError, SpecialIds, check_state_dict, is_model_dir, load_model_dir,
+                                        prepare_out_dir, recorded_special_ids)
+from hybrid_lm.train.checkpoint import load_model_state
 
 
 def read_source(checkpoint: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Optional[Path], Optional[int]]:
@@ -35,8 +36,6 @@ def read_source(checkpoint: Path) -> tuple[ModelConfig, dict[str, torch.Tensor],
         raise ExportError(f"{checkpoint}: does not exist")
     if is_model_dir(checkpoint):
         return (*load_model_dir(checkpoint), None)
-    from hybrid_lm.train.checkpoint import load_model_state
-
     loaded = load_model_state(checkpoint)
     tok = loaded.tokenizer_dir if (Path(loaded.tokenizer_dir) / "tokenizer.json").is_file() else None
     return loaded.model_config, loaded.state_dict, tok, loaded.step

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from hybrid_lm.export.model_dir import ExportError
+from hybrid_lm.models.model_dir import ExportError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

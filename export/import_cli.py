@@ -22,10 +22,10 @@ from typing import Optional
 import torch
 
 from hybrid_lm.export.cli import refusals
-from hybrid_lm.export.model_dir import (HF_TOKENIZER_FILES, TOKENIZER, ExportError, check_state_dict, prepare_out_dir,
-                                        read_json_object, read_safetensors, save_model_dir)
 from hybrid_lm.export.tokenizer import source_special_ids
 from hybrid_lm.models.config import ModelConfig
+from hybrid_lm.models.model_dir import (HF_TOKENIZER_FILES, TOKENIZER, ExportError, check_state_dict, prepare_out_dir,
+                                        read_json_object, read_safetensors, save_model_dir)
 
 
 def _adapter(model_type: str):

@@ -22,9 +22,9 @@ from typing import Optional
 import torch
 
 from hybrid_lm.export.adapters import NativeAdapter, SpecialIds
-from hybrid_lm.export.model_dir import ExportError
 from hybrid_lm.models.attention.hf_mapping import hf_llama_config_kwargs, hf_llama_name, to_hf_llama_state_dict
 from hybrid_lm.models.config import AttentionConfig, MLPConfig, ModelConfig
+from hybrid_lm.models.model_dir import ExportError, expected_shapes
 
 
 class LlamaAdapter(NativeAdapter):
@@ -72,8 +72,6 @@ class LlamaAdapter(NativeAdapter):
             mlp=MLPConfig(hidden_size=hf["intermediate_size"]))
 
     def from_hf(self, config: ModelConfig, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from hybrid_lm.export.model_dir import expected_shapes
-
         inverse = {hf_llama_name(k): k for k in expected_shapes(config)}
         unknown = sorted(k for k in hf_state if k not in inverse and "rotary_emb" not in k)
         if unknown:

@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from hybrid_lm.export.model_dir import TOKENIZER, ExportError, SpecialIds, copy_tokenizer_files, read_json_object
+from hybrid_lm.models.model_dir import TOKENIZER, ExportError, SpecialIds, copy_tokenizer_files, read_json_object
 
 KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 TOKENIZER_CONFIG = "tokenizer_config.json"

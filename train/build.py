@@ -16,6 +16,7 @@ import torch
 
 from hybrid_lm.models.config import ModelConfig
 from hybrid_lm.models.hybrid import HybridLM
+from hybrid_lm.models.model_dir import load_model_dir
 from hybrid_lm.train.checkpoint import layout
 
 #: (split, rank, world_size) -> a loader following the data contract (iterable of batches with
@@ -77,11 +78,6 @@ def _init_state_dict(source: Path, model_cfg: ModelConfig) -> dict[str, torch.Te
         loaded = load_model_state(source)
         other, state = loaded.model_config, loaded.state_dict
     else:
-        try:
-            from hybrid_lm.export.model_dir import load_model_dir
-        except ModuleNotFoundError as exc:
-            raise RuntimeError(f"train.init_from={source}: not a training checkpoint, and model-only dirs need "
-                               f"hybrid_lm.export.model_dir, which is not installed ({exc})") from exc
         other, state, _ = load_model_dir(source)
     if other != model_cfg:
         print(f"[init_from] note: {source} was saved with a different model config; loading strictly anyway",

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from hybrid_lm.export.model_dir import SpecialIds
 from hybrid_lm.export.remote.vendor import vendor
 from hybrid_lm.export.weights import cast, save_sharded
 from hybrid_lm.models.common.registry import get_layer_spec
 from hybrid_lm.models.config import ModelConfig
+from hybrid_lm.models.model_dir import SpecialIds
 from hybrid_lm.typed_config import to_dict
 
 TEMPLATE = Path(__file__).parent / "template"

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from hybrid_lm.export.model_dir import ExportError
+from hybrid_lm.models.model_dir import ExportError
 
 ROOT = "hybrid_lm"
 _MODULE_STRING = re.compile(r"^hybrid_lm(\.[A-Za-z_][A-Za-z0-9_]*)+$")

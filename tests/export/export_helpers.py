@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from hybrid_lm.data.tokenizer import Tokenizer
-from hybrid_lm.export.model_dir import save_model_dir
 from hybrid_lm.models.config import ModelConfig
 from hybrid_lm.models.hybrid import HybridLM
+from hybrid_lm.models.model_dir import save_model_dir
 from hybrid_lm.typed_config import from_dict
 
 SMALL = {"vocab_size": 258, "d_model": 32, "attention": {"n_heads": 4, "n_kv_heads": 2},

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from hybrid_lm.cli import main as cli_main
-from hybrid_lm.export.model_dir import load_model_dir
+from hybrid_lm.models.model_dir import load_model_dir
 
 
 def _hf_llama(path, **overrides):

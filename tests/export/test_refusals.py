@@ -5,7 +5,7 @@ from export_helpers import save_tiny, tiny_config
 
 from hybrid_lm.cli import main as cli_main
 from hybrid_lm.export.adapters import select
-from hybrid_lm.export.model_dir import ExportError, check_state_dict, load_model_dir
+from hybrid_lm.models.model_dir import ExportError, check_state_dict, load_model_dir
 from safetensors.torch import load_file, save_file
 
 

@@ -8,7 +8,7 @@ import torch
 from export_helpers import save_tiny, tiny_config, tiny_model
 
 from hybrid_lm.cli import main as cli_main
-from hybrid_lm.export.model_dir import save_model_dir
+from hybrid_lm.models.model_dir import save_model_dir
 
 CORPUS = ["the quick brown fox jumps over the lazy dog", "hello world, this is a tokenizer test",
           "pack my box with five dozen liquor jugs"] * 10

@@ -11,6 +11,10 @@ Layout (what ``hybrid-lm import`` writes and ``train.init_from`` / ``hybrid-lm e
 
 Tied embeddings are stored once (safetensors refuses shared storage); ``load_model_dir`` puts
 ``lm_head.weight`` back so the state dict has the same keys as ``HybridLM.state_dict()``.
+
+It lives in models/ because it needs only the model: train/ (``init_from``) and export/ both read
+it, and neither may import the other's side for it (export/ reads training checkpoints through
+``hybrid_lm.train.checkpoint``; train/ never imports export/).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hybrid_lm.models.config import ModelConfig
+from hybrid_lm.models.hybrid import HybridLM
 from hybrid_lm.typed_config import from_dict, to_dict
 
 WEIGHTS = "model.safetensors"
@@ -37,7 +42,8 @@ SpecialIds = dict[str, Union[int, list[int], None]]
 
 
 class ExportError(ValueError):
-    """An export/import that cannot be done faithfully; the message says what disagrees."""
+    """A model dir, export or import that cannot be done faithfully; the message says what
+    disagrees. One type for all three, so the CLIs print each as one line."""
 
 
 def read_json_object(path: Path) -> dict:
@@ -131,8 +137,6 @@ def load_model_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Op
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Names and shapes of ``HybridLM(config).state_dict()``, built on the meta device (no memory)."""
-    from hybrid_lm.models.hybrid import HybridLM
-
     with torch.device("meta"):
         model = HybridLM(config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
