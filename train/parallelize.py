@@ -91,23 +91,35 @@ def reports_grad_norm(engine) -> bool:
     return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
 
 
-def grad_norm(model: nn.Module) -> float:
+def grad_norm(model: nn.Module, tp_group: Any = None) -> float:
     """The 2-norm of every gradient of ``model`` (before clipping), for engines that do not report it.
 
     Call it after the accumulation boundary's backward and before ``engine.step()``: at ZeRO-0 the
     gradients are then reduced over the data-parallel ranks and identical on each, so this local
-    norm is the global one.
+    norm is the global one. A tensor-parallel model (``tp_group``) adds the squares of its split
+    gradients over the group, and its replicated ones (equal on every rank) once.
     """
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    params = [p for p in model.parameters() if p.grad is not None]
+    split = [p.grad for p in params if getattr(p, "tensor_model_parallel", False)]
+    if tp_group is None or torch.distributed.get_world_size(tp_group) == 1 or not split:
+        return float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
+    replicated = [p.grad for p in params if not getattr(p, "tensor_model_parallel", False)]
+    split_sq = torch.nn.utils.get_total_norm(split).double() ** 2
+    torch.distributed.all_reduce(split_sq, group=tp_group)
+    replicated_sq = float(torch.nn.utils.get_total_norm(replicated)) ** 2 if replicated else 0.0
+    return (float(split_sq) + replicated_sq) ** 0.5
 
 
 def parallelize(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: ParallelConfig, *,
-                micro_batch_size: int, world_size: int, grad_clip: float, device: torch.device):
+                micro_batch_size: int, world_size: int, grad_clip: float, device: torch.device, mpu: Any = None):
     """Wrap ``model`` and ``optimizer`` in a DeepSpeed engine; returns the engine.
 
     The model must already hold its initial (or ``init_from``) weights: DeepSpeed broadcasts
     nothing for us under ZeRO-3, so identical init on every rank is the caller's job (seeded).
+    A tensor-parallel model (``tensor_parallel.apply_tensor_parallel`` before the optimizer was
+    built) comes with ``mpu=process_groups.DeepSpeedMPU(groups)``: DeepSpeed then averages
+    gradients over the data-parallel group only, ``world_size`` is that group's size, and the
+    clipping norm counts replicated parameters once.
     """
     import deepspeed
 
@@ -115,5 +127,5 @@ def parallelize(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Paralle
     ds_config = deepspeed_config(cfg, micro_batch_size=micro_batch_size, world_size=world_size,
                                  grad_clip=grad_clip, device=device)
     model.to(device)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     return engine

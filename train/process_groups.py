@@ -10,7 +10,7 @@ ranks and TP=2, ranks {0, 1} and {2, 3} each hold one copy of the model split in
 all-reduces are cheapest. Pipeline and context parallelism stay 1 for now.
 
 megatron-core keeps the groups in module globals; its tensor-parallel mappings and
-``vocab_parallel_cross_entropy`` read them, and DeepSpeed accepts the module itself as ``mpu``.
+``vocab_parallel_cross_entropy`` read them; DeepSpeed gets them through ``DeepSpeedMPU``.
 Everything here works on gloo (CPU) as on NCCL: only the groups are made, none of Megatron's CUDA
 RNG tracker or CUDA-allocating collectives are touched.
 """
@@ -76,6 +76,50 @@ def current_groups() -> ParallelGroups:
         tp_size=ps.get_tensor_model_parallel_world_size(), dp_group=ps.get_data_parallel_group(),
         dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
     )
+
+
+class DeepSpeedMPU:
+    """What ``deepspeed.initialize(mpu=...)`` calls, over ``ParallelGroups``: megatron's
+    parallel_state lacks ``get_model_parallel_rank``/``_world_size``, which DeepSpeed uses for its
+    gradient norm (replicated parameters counted on model-parallel rank 0 only) and checkpoint names.
+    With pipeline parallelism 1 the model-parallel group is the tensor-parallel group."""
+
+    def __init__(self, groups: ParallelGroups) -> None:
+        self.groups = groups
+
+    def get_model_parallel_group(self) -> Any:
+        return self.groups.tp_group
+
+    def get_model_parallel_rank(self) -> int:
+        return self.groups.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.groups.tp_size
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return dist.get_global_rank(self.groups.tp_group, 0)
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_data_parallel_group(self) -> Any:
+        return self.groups.dp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.groups.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.groups.dp_size
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self.groups.dp_group)
 
 
 def destroy_process_groups() -> None:

@@ -1,12 +1,15 @@
 """Tensor parallelism on CPU: 2 gloo ranks split every layer family by its plan and must give the
-logits, loss and gradients of the unsplit model.
+logits, loss, gradients and (through DeepSpeed) training steps of the unsplit model.
 
 One spawn runs every case (megatron-core's import dominates the start-up), each rank comparing
 its split model with a full copy of the same seeded model in the same process. Tolerance: fp32,
 rtol 1e-5 / atol 1e-6 on logits and loss, and on gradients relative to each tensor's largest
 entry. Exact equality is not expected: a row-parallel layer sums two half-width matmuls and
 all-reduces them, a different order of the same fp32 additions (seen: logits within 2e-7,
-gradients within 1.3e-6 of their largest entry).
+gradients within 1.3e-6 of their largest entry). Through DeepSpeed (ZeRO-0 and 2, clipping on,
+megatron's groups as ``mpu``), three AdamW updates must match too; weights at rtol 1e-4 / atol
+1e-5, since Adam's m / sqrt(v) turns the tiny gradient differences of near-zero entries into
+update differences of up to lr-size fractions.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import pytest
 import torch
 
 from distributed_utils import run_distributed
+
+pytestmark = pytest.mark.distributed
 
 V, D, B, T = 64, 32, 2, 16
 TITANS = dict(n_heads=2, chunk_size=4, segment_len=8, window=8, n_persistent=2, memory_expansion=2)
@@ -90,21 +95,20 @@ def _worker(rank: int, world_size: int, cases: dict) -> dict:
 
     init_distributed()
     groups = init_process_groups(tensor_parallel=world_size)
-    results = {}
+    results: dict = {}
     for pattern, kwargs in cases.items():
         try:
             results[pattern] = _compare(groups, pattern, kwargs)
         except Exception:  # noqa: BLE001 - reported per case by the parametrised test
             results[pattern] = {"error": traceback.format_exc()}
+    results["deepspeed"] = _deepspeed_runs(rank, world_size, groups, cases["M-A-"], [0, 2])
     return results
 
 
 @pytest.fixture(scope="module")
 def tp2_results() -> list[dict]:
+    """One spawn for every test here: the start-up (megatron-core, DeepSpeed imports) dominates."""
     return run_distributed(_worker, 2, args=(CASES,))
-
-
-pytestmark = pytest.mark.distributed
 
 
 @pytest.mark.parametrize("pattern", list(CASES))
@@ -121,3 +125,62 @@ def test_tp2_equals_one_process(tp2_results, pattern):
         for name, pair in res["grads"].items():
             got, ref = map(torch.from_numpy, pair)
             assert _max_rel(got, ref) < RTOL, f"rank {rank} grad {name}: max rel diff {_max_rel(got, ref):.2e}"
+
+
+def _train_steps(model, groups, mpu, zero_stage: int, steps: int) -> dict:
+    """``steps`` DeepSpeed updates (clipping active) on fixed batches; losses, the pre-clipping
+    gradient norms (DeepSpeed's, or ours where it reports none), and the final weights at full shape."""
+    from hybrid_lm.train.optim import OptimConfig, build_optimizer
+    from hybrid_lm.train.parallelize import ParallelConfig, grad_norm, parallelize, reports_grad_norm
+    from hybrid_lm.train.tensor_parallel import full_tensors
+
+    engine = parallelize(model, build_optimizer(model, OptimConfig(lr=1e-2)), ParallelConfig(zero_stage=zero_stage),
+                         micro_batch_size=B, world_size=groups.dp_size, grad_clip=0.5, device=torch.device("cpu"),
+                         mpu=mpu)
+    g = torch.Generator().manual_seed(2)
+    losses, norms = [], []
+    for _ in range(steps):
+        ids = torch.randint(0, V, (B, T), generator=g)
+        loss = engine(ids, labels=torch.roll(ids, -1, dims=1)).loss
+        engine.backward(loss)
+        own = None if reports_grad_norm(engine) else grad_norm(engine.module, groups.tp_group)
+        engine.step()
+        norms.append(float(engine.get_global_grad_norm()) if own is None else own)  # as the loop logs it
+        losses.append(loss.item())
+    return {"losses": losses, "norms": norms, "weights": {n: t.numpy().copy() for n, t in full_tensors(model, groups).items()}}
+
+
+def _deepspeed_runs(rank: int, world_size: int, groups, kwargs: dict, stages: list[int]) -> dict:
+    """Per ZeRO stage: the full model alone on this rank (a 1-rank TP and DP group), then the same
+    model split over both ranks (TP=2, DP=1) through megatron's groups and DeepSpeedMPU."""
+    import torch.distributed as dist
+
+    from hybrid_lm.models.config import ModelConfig
+    from hybrid_lm.models.hybrid import HybridLM
+    from hybrid_lm.train.process_groups import DeepSpeedMPU, ParallelGroups
+    from hybrid_lm.train.tensor_parallel import apply_tensor_parallel
+    from hybrid_lm.typed_config import from_dict
+
+    alone = [dist.new_group([r]) for r in range(world_size)][rank]  # every rank makes every group
+    single = ParallelGroups(tp_group=alone, tp_rank=0, tp_size=1, dp_group=alone, dp_rank=0, dp_size=1)
+    out = {}
+    for stage in stages:
+        torch.manual_seed(0)
+        full = HybridLM(from_dict(ModelConfig, dict(vocab_size=V, d_model=D, **kwargs)))
+        split = apply_tensor_parallel(copy.deepcopy(full), groups)
+        out[stage] = (_train_steps(full, single, DeepSpeedMPU(single), stage, 3),
+                      _train_steps(split, groups, DeepSpeedMPU(groups), stage, 3))
+    return out
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_tp2_deepspeed_steps_equal_one_process(tp2_results, stage):
+    """Three clipped AdamW updates through DeepSpeed: same losses, gradient norms and weights."""
+    for rank, results in enumerate(tp2_results):
+        ref, got = results["deepspeed"][stage]
+        assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5), rank
+        assert got["norms"] == pytest.approx(ref["norms"], rel=1e-5), rank
+        assert ref["norms"][0] > 0.5, "clipping (grad_clip 0.5) should act on the first step"
+        for name, want in ref["weights"].items():
+            torch.testing.assert_close(torch.from_numpy(got["weights"][name]), torch.from_numpy(want),
+                                       rtol=1e-4, atol=1e-5, msg=lambda m: f"rank {rank} {name}: {m}")
