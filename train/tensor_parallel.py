@@ -22,6 +22,7 @@ and is not used yet.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Callable
 
@@ -45,7 +46,10 @@ def check_tensor_parallel(model: ModelConfig, tp: int) -> None:
             raise ConfigError(req.problem(tp))
 
 
+@functools.cache
 def _mappings() -> Any:
+    """megatron.core.tensor_parallel.mappings (imported once, without its warnings about missing
+    Transformer Engine/Apex, optional CUDA extensions we do not use)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
         from megatron.core.tensor_parallel import mappings
@@ -75,7 +79,8 @@ class ColumnParallelLinear(nn.Linear):
     tp_group: Any
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(_mappings().copy_to_tensor_model_parallel_region(x, group=self.tp_group), self.weight, self.bias)
+        x = _mappings().copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Linear):
@@ -109,7 +114,8 @@ class VocabParallelHead(nn.Linear):
     tp_group: Any
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(_mappings().copy_to_tensor_model_parallel_region(x, group=self.tp_group), self.weight, self.bias)
+        x = _mappings().copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+        logits = F.linear(x, self.weight, self.bias)
         return _GatherLastDim.apply(logits, self.tp_group)
 
 

@@ -35,6 +35,9 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, TypeVar
 
 from torch import nn
 
+from hybrid_lm.models.common.mlp import SwiGLU
+from hybrid_lm.models.hybrid import HybridLM
+
 if TYPE_CHECKING:
     from hybrid_lm.models.config import ModelConfig
 
@@ -154,12 +157,6 @@ def local_count(value: int, tp: int) -> int:
     if value % tp:
         raise ValueError(f"{value} is not divisible by the tensor-parallel degree {tp}")
     return value // tp
-
-
-# --- the plans of models/common (SwiGLU) and of the stack itself (embedding, LM head) ---------
-
-from hybrid_lm.models.common.mlp import SwiGLU  # noqa: E402  (plans below need the classes)
-from hybrid_lm.models.hybrid import HybridLM  # noqa: E402
 
 
 @register_tp_plan(SwiGLU)

@@ -147,7 +147,8 @@ def _train_steps(model, groups, mpu, zero_stage: int, steps: int) -> dict:
         engine.step()
         norms.append(float(engine.get_global_grad_norm()) if own is None else own)  # as the loop logs it
         losses.append(loss.item())
-    return {"losses": losses, "norms": norms, "weights": {n: t.numpy().copy() for n, t in full_tensors(model, groups).items()}}
+    weights = {n: t.numpy().copy() for n, t in full_tensors(model, groups).items()}
+    return {"losses": losses, "norms": norms, "weights": weights}
 
 
 def _deepspeed_runs(rank: int, world_size: int, groups, kwargs: dict, stages: list[int]) -> dict:

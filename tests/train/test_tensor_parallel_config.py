@@ -80,8 +80,8 @@ def test_shard_keeps_each_components_piece_and_unshard_inverts_it():
 
 
 def _tiny(pattern: str) -> HybridLM:
-    return HybridLM(from_dict(ModelConfig, dict(vocab_size=64, d_model=32, layer_pattern=pattern, attention=dict(n_heads=2),
-                                                mamba2=dict(d_state=8, headdim=8, ngroups=2, chunk_size=8))))
+    sections = dict(attention=dict(n_heads=2), mamba2=dict(d_state=8, headdim=8, ngroups=2, chunk_size=8))
+    return HybridLM(from_dict(ModelConfig, dict(vocab_size=64, d_model=32, layer_pattern=pattern, **sections)))
 
 
 @pytest.mark.parametrize("letter", sorted(layer_specs()))
