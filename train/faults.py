@@ -26,8 +26,6 @@ import sys
 from types import FrameType
 from typing import Iterable, Optional
 
-import torch
-
 from hybrid_lm.train.checkpoint.state import TrainerState
 
 
@@ -66,9 +64,10 @@ class NanGuard:
         self.max_consecutive = max_consecutive
         self.debug_nan_steps = frozenset(debug_nan_steps)
 
-    def inject(self, step: int, loss: torch.Tensor) -> torch.Tensor:
-        """The loss, or NaN for a step listed in ``debug_nan_steps`` (keeps the graph intact)."""
-        return loss * float("nan") if step in self.debug_nan_steps else loss
+    def poisons(self, step: int) -> bool:
+        """Whether ``debug_nan_steps`` asks for NaN losses at ``step`` (the engine multiplies each loss
+        by NaN, which keeps the graph intact: ``Engine.forward_backward(nan_loss=...)``)."""
+        return step in self.debug_nan_steps
 
     def record(self, state: TrainerState, finite: bool, step: int) -> bool:
         """Update counters after the global finite check; True means skip this step's update."""

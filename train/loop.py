@@ -5,10 +5,11 @@
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d \
         --rdzv_endpoint $HEAD:29500 -m hybrid_lm.cli train configs/tiny.yaml   # 2 nodes
 
-One optimizer step = ``parallel.gradient_accumulation`` micro-batches per rank, then one
-all-reduce of (loss sum, non-finite count, tokens, stop flag) that lets every rank take the same
-decision: skip the update (NaN anywhere), log, checkpoint, stop (SIGTERM anywhere). Everything
-else (DeepSpeed wrapping, checkpoint layout, faults, evaluation, metrics) lives in its own module.
+One optimizer step = the engine's forward and backward over its micro-batches (train/engine.py:
+ZeRO data parallel or a DeepSpeed pipeline), then one all-reduce of (loss sum, non-finite count,
+losses, tokens, stop flag) that lets every rank take the same decision: skip the update (NaN
+anywhere), log, checkpoint, stop (SIGTERM anywhere), and only then the engine's update. Everything
+else (parallel engines, checkpoint layout, faults, evaluation, metrics) lives in its own module.
 
 Evals (``eval.hooks``, none when empty): before the first step of a fresh run with
 ``train.eval_at_start``, after every ``eval.every``-th step when ``every > 0``, and once after the
@@ -23,22 +24,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
+from torch import nn
 
 from hybrid_lm.train import distributed as D
 from hybrid_lm.train.build import LoaderFactory, build_model, check_tokenizer_fits, default_loader_factory, tokenizer_file
 from hybrid_lm.train.checkpoint import manager
 from hybrid_lm.train.checkpoint.state import TrainerState
 from hybrid_lm.train.config import JobConfig, job_config_to_dict
+from hybrid_lm.train.engine import Engine
 from hybrid_lm.train.evaluation import EvalConfig, EvalContext, resolve_hooks, run_evals
 from hybrid_lm.train.faults import NanGuard, SpikeGuard, StopSignal
 from hybrid_lm.train.metrics import MetricsLogger, TrainProgress, mfu, peak_flops
-from hybrid_lm.train.optim import build_optimizer, set_lr
-from hybrid_lm.train.parallelize import grad_norm, parallelize, reports_grad_norm
+from hybrid_lm.train.optim import build_optimizer
+from hybrid_lm.train.parallelize import parallelize
 from hybrid_lm.train.run_lock import exclusive_run
 from hybrid_lm.train.schedules import build_lr_schedule
-
-BATCH_KEYS = ("input_ids", "labels", "doc_ids", "position_ids")
+from hybrid_lm.train.zero_engine import ZeroEngine
 
 
 @dataclass
@@ -54,40 +55,31 @@ class TrainResult:
     state: TrainerState = field(default_factory=TrainerState)
 
 
-def _train_step(engine, optimizer, batches, state: TrainerState, guard: NanGuard, spikes: SpikeGuard,
-                stop: StopSignal, gas: int, device: torch.device, measure_grad_norm: bool
-                ) -> tuple[float, int, bool, Optional[float]]:
+def _train_step(engine: Engine, batches, state: TrainerState, guard: NanGuard, spikes: SpikeGuard,
+                stop: StopSignal, measure_grad_norm: bool) -> tuple[float, int, bool, Optional[float]]:
     """Run one optimizer step; returns (mean loss or NaN, global tokens, stop requested anywhere,
     the gradient norm when ``measure_grad_norm`` asks for it, else None)."""
     # messages and debug_nan_steps count steps as metrics rows and step-N checkpoints do: the update
     # that takes state.step from n to n+1 is step n+1
     number = state.step + 1
-    loss_sum, nonfinite, tokens = 0.0, 0, 0
-    for micro in range(gas):
-        batch = next(batches)
-        ids = batch["input_ids"].to(device, non_blocking=True)
-        kwargs = {k: batch[k].to(device, non_blocking=True) for k in BATCH_KEYS[1:] if batch.get(k) is not None}
-        loss = guard.inject(number, engine(ids, **kwargs).loss)
-        engine.backward(loss)
-        value = loss.detach().float().item()
-        if math.isfinite(value):
-            loss_sum += value
-        else:
-            nonfinite += 1
-        tokens += ids.numel()
-        if micro < gas - 1:
-            engine.step()  # DeepSpeed counts micro-steps here; no update before the boundary
-    norm = grad_norm(engine.module) if measure_grad_norm else None  # engine.step() clips and zeroes them
-    g_loss, g_nonfinite, g_tokens, g_stop = D.all_reduce_sum(
-        [loss_sum, nonfinite, tokens, float(stop.requested)], device)
-    n_finite = gas * D.dist.get_world_size() - g_nonfinite
-    mean_loss = g_loss / n_finite if g_nonfinite == 0 else float("nan")
-    skip = guard.record(state, g_nonfinite == 0, number)
+    stats = engine.forward_backward([next(batches) for _ in range(engine.micro_batches)],
+                                    nan_loss=guard.poisons(number))
+    g_loss, g_nonfinite, g_losses, g_tokens, g_stop = D.all_reduce_sum(
+        [stats.loss_sum, stats.nonfinite, stats.losses, stats.tokens, float(stop.requested)], engine.device)
+    mean_loss = g_loss / (g_losses - g_nonfinite) if g_nonfinite == 0 else float("nan")
     # every rank sees the same reduced loss and window, so every rank takes the same decision
-    optimizer.skip_next_step = skip or spikes.check(state, mean_loss, number)
-    engine.step()
-    optimizer.skip_next_step = False  # ZeRO may already have dropped the step on a non-finite grad norm
+    skip = guard.record(state, g_nonfinite == 0, number) or spikes.check(state, mean_loss, number)
+    norm = engine.step(skip, grad_norm=measure_grad_norm)
     return mean_loss, int(g_tokens), g_stop > 0, norm
+
+
+def build_engine(model: nn.Module, cfg: JobConfig, info: D.DistInfo) -> Engine:
+    """The engine ``cfg.parallel`` asks for, around ``model`` (which holds its initial weights)."""
+    par = cfg.parallel
+    optimizer = build_optimizer(model, cfg.optim)
+    ds_engine = parallelize(model, optimizer, par, micro_batch_size=cfg.data.micro_batch_size,
+                            world_size=info.world_size, grad_clip=cfg.train.grad_clip, device=info.device)
+    return ZeroEngine(ds_engine, optimizer, micro_batches=par.gradient_accumulation, device=info.device)
 
 
 def _periodic_eval_due(cfg: EvalConfig, step: int) -> bool:
@@ -111,11 +103,9 @@ def _train(cfg: JobConfig, info: D.DistInfo, make_loader: Optional[LoaderFactory
     check_tokenizer_fits(cfg.model, tok, data_dir=Path(cfg.data.path) if cfg.data.path else None)
     resume_from = manager.find_resume(cfg.train.resume, ckpt_root)
     model = build_model(cfg.model, seed=cfg.train.seed, init_from=cfg.train.init_from, resuming=resume_from is not None)
-    optimizer = build_optimizer(model, cfg.optim)
-    gas = cfg.parallel.gradient_accumulation
-    engine = parallelize(model, optimizer, cfg.parallel, micro_batch_size=cfg.data.micro_batch_size,
-                         world_size=info.world_size, grad_clip=cfg.train.grad_clip, device=info.device)
-    loader = make_loader("train", info.rank, info.world_size)
+    train_flops = 3.0 * model.flops_per_token(cfg.data.seq_len)  # the whole model's, whatever the engine keeps
+    engine = build_engine(model, cfg, info)
+    loader = make_loader("train", engine.data_rank, engine.data_size)
     state, rng = TrainerState(), None
     if resume_from is not None:
         state, loader_state, rng = manager.restore(engine, resume_from, rank=info.rank, world_size=info.world_size,
@@ -128,15 +118,13 @@ def _train(cfg: JobConfig, info: D.DistInfo, make_loader: Optional[LoaderFactory
     spikes = SpikeGuard(cfg.train.spike_sigma, cfg.train.spike_window, cfg.train.max_consecutive_nan)
     logger = MetricsLogger(run_dir, info.rank, cfg.logging.tensorboard)
     progress = TrainProgress(cfg.train.steps, state.step, info.rank)
-    train_flops = 3.0 * model.flops_per_token(cfg.data.seq_len)
     peak = peak_flops(info.device)
     result = TrainResult(step=state.step, state=state)
-    own_grad_norm = not reports_grad_norm(engine)
 
     def evaluate() -> None:
         if not cfg.eval.hooks:
             return
-        ctx = EvalContext(make_val_loader=lambda: make_loader("val", info.rank, info.world_size), device=info.device,
+        ctx = EvalContext(make_val_loader=lambda: make_loader("val", engine.data_rank, engine.data_size), device=info.device,
                           step=state.step, reduce=lambda s, c: tuple(D.all_reduce_sum([s, c], info.device)))
         scores = run_evals(engine.module, cfg.eval, ctx)
         engine.module.train()
@@ -153,17 +141,17 @@ def _train(cfg: JobConfig, info: D.DistInfo, make_loader: Optional[LoaderFactory
         manager.apply_rng(rng)  # last: nothing built above may shift the restored streams
     elif cfg.train.eval_at_start:
         evaluate()
-    engine.train()
+    engine.module.train()
     batches = iter(loader)
     # the logged train loss is the mean over the logging window: one step's loss on one batch is mostly noise
     window_start, window_tokens, window_losses = time.perf_counter(), 0, []
     with StopSignal() as stop:
         while state.step < cfg.train.steps:
             lr = lr_at(state.step)
-            set_lr(optimizer, lr)
+            engine.set_lr(lr)
             log_due = (state.step + 1) % cfg.logging.every == 0 or state.step + 1 == cfg.train.steps
-            loss, tokens, stop_requested, norm = _train_step(engine, optimizer, batches, state, guard, spikes, stop, gas,
-                                                             info.device, measure_grad_norm=own_grad_norm and log_due)
+            loss, tokens, stop_requested, norm = _train_step(engine, batches, state, guard, spikes, stop,
+                                                             measure_grad_norm=log_due)
             result.losses[state.step] = loss
             state.step += 1
             state.tokens += tokens
@@ -175,11 +163,10 @@ def _train(cfg: JobConfig, info: D.DistInfo, make_loader: Optional[LoaderFactory
             if log_due:
                 elapsed = time.perf_counter() - window_start
                 tps = window_tokens / max(elapsed, 1e-9)
-                reported = norm if own_grad_norm else engine.get_global_grad_norm()
                 window_loss = sum(window_losses) / len(window_losses) if window_losses else float("nan")
                 metrics = {"train/loss": window_loss, "train/lr": lr, "train/tokens": state.tokens, "train/tokens_per_s": tps,
                            "train/nan_skipped": state.nan_skipped, "train/spike_skipped": state.spike_skipped,
-                           "train/grad_norm": float(reported) if reported is not None else float("nan")}
+                           "train/grad_norm": norm if norm is not None else float("nan")}
                 util = mfu(train_flops, tps / info.world_size, peak) if peak else None
                 if util is not None:
                     metrics["train/mfu"] = util

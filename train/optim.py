@@ -5,15 +5,18 @@ head, which *is* the embedding) and anything a layer marks ``_no_weight_decay = 
 A_log, D, dt_bias) do not. Decaying those hurts: a norm gain pulled to zero or an SSM decay rate
 pulled to 1 is not regularisation.
 
-``SkippableAdamW`` lets the trainer veto one update after the gradients exist (NaN/inf loss on any
-rank): DeepSpeed's ZeRO optimisers call the inner ``step()``; when the veto is set it returns
-without touching parameters or moments (not even Adam's step count), so a skipped step leaves the
-run exactly where it was. The learning rate is set from outside each step (a pure function of the
-step, see train/schedules.py), so there is no scheduler object whose state could drift.
+``SkippableAdamW`` lets the engine veto one update after the gradients exist (NaN/inf loss on any
+rank, ``Engine.step(skip=True)``): DeepSpeed's ZeRO optimisers call the inner ``step()``; inside
+``with optimizer.skipping(True):`` it returns without touching parameters or moments (not even
+Adam's step count), so a skipped step leaves the run exactly where it was. The learning rate is set
+from outside each step (a pure function of the step, see train/schedules.py), so there is no
+scheduler object whose state could drift.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -40,14 +43,23 @@ class OptimConfig:
 
 
 class SkippableAdamW(torch.optim.AdamW):
-    """AdamW whose next ``step()`` becomes a no-op when ``skip_next_step`` is set."""
+    """AdamW whose ``step()`` is a no-op inside ``with optimizer.skipping(True):``."""
 
-    skip_next_step: bool = False
+    _skipping: bool = False
+
+    @contextmanager
+    def skipping(self, skip: bool = True) -> Iterator[None]:
+        """Scoped to the one engine step that may call ``step()`` (DeepSpeed calls it from within
+        its own step, or not at all when ZeRO drops an update on a non-finite gradient norm)."""
+        self._skipping = skip
+        try:
+            yield
+        finally:
+            self._skipping = False
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        if self.skip_next_step:
-            self.skip_next_step = False
+        if self._skipping:
             return None
         return super().step(closure)
 

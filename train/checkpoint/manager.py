@@ -1,4 +1,4 @@
-"""Save and restore a whole training run: DeepSpeed's files for model and optimiser, ours for the rest.
+"""Save and restore a whole training run: the engine's files for model and optimiser, ours for the rest.
 
 ``save(...)`` is collective (every rank calls it) and follows RELIABILITY.md: write into
 ``step-XXXXXXX.tmp/``, barrier, rank 0 renames it to ``step-XXXXXXX/``, writes ``COMPLETE.json``
@@ -6,10 +6,11 @@
 point leaves either the previous state or a directory that never counts.
 
 ``restore(...)`` picks the newest checkpoint that verifies (rank 0 decides, everyone follows),
-refuses a changed world size or tokenizer with a message that says so, and loads through
-``engine.load_checkpoint`` so every ZeRO stage works. DeepSpeed's own files are read by DeepSpeed
-(``torch.load``) only *after* their sha256 matched the marker we wrote, and only weights-only with
-a minimal allowlist (safe_load.py): the marker proves integrity, not origin.
+refuses a changed world size, parallel layout or tokenizer with a message that says so, and loads
+the model and optimiser through the engine (train/engine.py; the DeepSpeed engines load every ZeRO
+stage). DeepSpeed's own files are read by DeepSpeed (``torch.load``) only *after* their sha256
+matched the marker we wrote, and only weights-only with a minimal allowlist (safe_load.py): the
+marker proves integrity, not origin.
 """
 from __future__ import annotations
 
@@ -17,17 +18,20 @@ import json
 import platform
 import shutil
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from hybrid_lm.train import distributed as D
-from hybrid_lm.train.checkpoint import layout, safe_load
+from hybrid_lm.train.checkpoint import layout
 from hybrid_lm.train.checkpoint.state import TrainerState, load_rank_state, restore_rng, save_rank_state
 
+if TYPE_CHECKING:
+    from hybrid_lm.train.engine import Engine
+
+#: the DeepSpeed engines write their files into <checkpoint>/ds/ (DeepSpeed's "tag")
 DS_TAG = "ds"
 
 
@@ -55,7 +59,7 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "python": platform.python_version()}
 
 
-def save(engine, root: Path, state: TrainerState, *, rank: int, world_size: int, loader_state: dict[str, Any],
+def save(engine: Engine, root: Path, state: TrainerState, *, rank: int, world_size: int, loader_state: dict[str, Any],
          job_config: dict[str, Any], tokenizer_file: Optional[Path], keep: int, zero_stage: int) -> Path:
     """Write a complete checkpoint of ``state.step`` under ``root``; returns its final path.
 
@@ -77,8 +81,8 @@ def save(engine, root: Path, state: TrainerState, *, rank: int, world_size: int,
             failure = str(exc)
     _check_written(failure, engine.device, root, state.step, tmp, rank)
     try:
-        with layout.writing(tmp), _deepspeed_writes_named(engine):
-            engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+        with layout.writing(tmp):
+            engine.save(tmp)
             save_rank_state(tmp, rank, loader_state, {"world_size": world_size, "step": state.step})
             if rank == 0:
                 with layout.writing(tmp / "trainer.json"):
@@ -92,9 +96,12 @@ def save(engine, root: Path, state: TrainerState, *, rank: int, world_size: int,
         failure = str(exc)
     _check_written(failure, engine.device, root, state.step, tmp, rank)
     if rank == 0:
+        meta = {"step": state.step, "world_size": world_size, "zero_stage": zero_stage, "tokens": state.tokens,
+                "versions": _versions()}
+        if engine.checkpoint_layout:
+            meta["layout"] = engine.checkpoint_layout
         try:
-            _finalize(root, final, tmp, {"step": state.step, "world_size": world_size, "zero_stage": zero_stage,
-                                         "tokens": state.tokens, "versions": _versions()}, keep)
+            _finalize(root, final, tmp, meta, keep)
         except layout.CheckpointWriteError as exc:
             failure = str(exc)
     _check_written(failure, engine.device, root, state.step, tmp, rank)
@@ -146,32 +153,6 @@ def _check_written(failure: Optional[str], device: torch.device, root: Path, ste
         "space) and resume: train.resume=auto continues from it.")
 
 
-@contextmanager
-def _deepspeed_writes_named(engine) -> Iterator[None]:
-    """DeepSpeed writes its files through ``engine.checkpoint_engine.save(state_dict, path)`` with
-    ``torch.save``, which reports a full disk without naming the file; wrap it for this save so the
-    error names the file."""
-    writer = getattr(engine, "checkpoint_engine", None)
-    if writer is None:
-        yield
-        return
-    own = "save" in vars(writer)
-    original = writer.save
-
-    def save(state_dict: Any, path: str) -> Any:
-        with layout.writing(Path(path)):
-            return original(state_dict, path)
-
-    writer.save = save
-    try:
-        yield
-    finally:
-        if own:
-            writer.save = original
-        else:
-            del writer.save
-
-
 def _auto_resume(root: Path) -> Optional[Path]:
     found, failures = layout.newest_complete_and_failures(root)
     # a dir without a marker is a save that never finished; one whose marker no longer matches
@@ -206,7 +187,7 @@ def find_resume(resume: str, root: Path) -> Optional[Path]:
     return None if chosen is None else Path(chosen)
 
 
-def restore(engine, ckpt: Path, *, rank: int, world_size: int, tokenizer_file: Optional[Path],
+def restore(engine: Engine, ckpt: Path, *, rank: int, world_size: int, tokenizer_file: Optional[Path],
             allow_tokenizer_change: bool) -> tuple[TrainerState, dict[str, Any], tuple[dict, dict]]:
     """Load model/optimiser into ``engine``; returns (trainer state, this rank's loader state,
     this rank's RNG state to hand to ``restore_rng`` once everything else is built)."""
@@ -216,23 +197,22 @@ def restore(engine, ckpt: Path, *, rank: int, world_size: int, tokenizer_file: O
             f"{ckpt}: saved with {meta['world_size']} data-parallel ranks, now {world_size}; the per-rank "
             "data-loader cursors cannot be remapped. Resume with the same world size, or start a new run "
             "with train.init_from to take only the weights.")
+    saved_layout = meta.get("layout", {})
+    if saved_layout != engine.checkpoint_layout:
+        def describe(found: dict[str, Any]) -> str:
+            return ", ".join(f"{k}={v}" for k, v in sorted(found.items())) or "data parallel only"
+
+        raise layout.CheckpointError(
+            f"{ckpt}: saved with {describe(saved_layout)}, now {describe(engine.checkpoint_layout)}; resuming on "
+            "another model-parallel layout is not supported. Resume with the same layout, or start a new run "
+            "with train.init_from to take only the weights.")
     saved_tok = ckpt / "tokenizer.json"
     if (not allow_tokenizer_change and saved_tok.is_file() and tokenizer_file is not None
             and tokenizer_file.is_file() and layout.sha256_file(saved_tok) != layout.sha256_file(tokenizer_file)):
         raise layout.CheckpointError(
             f"{tokenizer_file} differs from the tokenizer saved in {ckpt}; refusing to resume on different "
             "tokens (set checkpoint.allow_tokenizer_change=true to override)")
-    # rank 0 scans every rank's files so all ranks refuse together instead of one rank failing
-    # inside DeepSpeed while the others wait in its next collective
-    refused = safe_load.scan(ckpt / DS_TAG) if D.is_main() else None
-    refused = D.broadcast_object(refused)
-    if refused:
-        raise layout.CheckpointError("; ".join(refused))  # type: ignore[arg-type]
-    with safe_load.weights_only_loads(ckpt / DS_TAG):
-        load_path, _ = engine.load_checkpoint(str(ckpt), tag=DS_TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
-    if load_path is None:
-        raise layout.CheckpointError(f"{ckpt / DS_TAG}: DeepSpeed could not load the model/optimizer state")
+    engine.load(ckpt)
     state = TrainerState.from_json(json.loads((ckpt / "trainer.json").read_text()))
     rank_meta, rng_tensors = load_rank_state(ckpt, rank)
     return state, rank_meta["loader"], (rank_meta["rng"], rng_tensors)

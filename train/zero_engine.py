@@ -1,0 +1,121 @@
+"""``ZeroEngine``: the engine interface (train/engine.py) over DeepSpeed's data-parallel engine, ZeRO 0-3.
+
+Built by ``train/parallelize.py``; the loop and the checkpoint manager see only the interface.
+``DeepSpeedFiles`` holds what every DeepSpeed-backed engine shares (the pipeline engine too):
+its checkpoint files, written with the file named on a full disk and read weights-only.
+
+Gradient accumulation: every micro-batch but the last runs with DeepSpeed's accumulation
+boundary explicitly off, the last with it on (gradients are reduced over the data-parallel ranks
+there), then one ``step()``. That is the sequence of operations DeepSpeed performs when it counts
+micro-steps itself, so results are bitwise those of a loop calling ``engine.step()`` after every
+micro-batch, without anyone outside this file depending on that counter.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+from hybrid_lm.train import distributed as D
+from hybrid_lm.train.checkpoint import layout, safe_load
+from hybrid_lm.train.checkpoint.manager import DS_TAG
+from hybrid_lm.train.engine import Batch, StepStats, to_device
+from hybrid_lm.train.optim import SkippableAdamW, set_lr
+from hybrid_lm.train.parallelize import grad_norm as local_grad_norm
+from hybrid_lm.train.parallelize import reports_grad_norm
+
+
+class DeepSpeedFiles:
+    """Save/load of a DeepSpeed engine ``self._ds`` into a checkpoint directory, and the learning rate."""
+
+    _ds: Any
+    optimizer: SkippableAdamW
+    device: torch.device
+    checkpoint_layout: dict[str, Any] = {}
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+
+    def save(self, directory: Path) -> None:
+        with _writes_named(self._ds):
+            self._ds.save_checkpoint(str(directory), tag=DS_TAG, save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        ds_dir = Path(directory) / DS_TAG
+        # rank 0 scans every rank's files so all ranks refuse together instead of one rank failing
+        # inside DeepSpeed while the others wait in its next collective
+        refused = safe_load.scan(ds_dir) if D.is_main() else None
+        refused = D.broadcast_object(refused)
+        if refused:
+            raise layout.CheckpointError("; ".join(refused))  # type: ignore[arg-type]
+        with safe_load.weights_only_loads(ds_dir):
+            load_path, _ = self._ds.load_checkpoint(str(directory), tag=DS_TAG, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=False)
+        if load_path is None:
+            raise layout.CheckpointError(f"{ds_dir}: DeepSpeed could not load the model/optimizer state")
+
+
+class ZeroEngine(DeepSpeedFiles):
+    """Data parallel over every rank; ``module`` is DeepSpeed's (under ZeRO-3, partitioned) model."""
+
+    def __init__(self, ds_engine: Any, optimizer: SkippableAdamW, *, micro_batches: int, device: torch.device) -> None:
+        self._ds, self.optimizer, self.device = ds_engine, optimizer, device
+        self.module = ds_engine.module
+        self.micro_batches = micro_batches
+        self.data_rank, self.data_size = D.dist.get_rank(), D.dist.get_world_size()
+        self.checkpoint_layout = {}
+        # ZeRO-0 in fp32 clips with a norm it then discards; measure it ourselves when asked
+        self._own_norm = not reports_grad_norm(ds_engine)
+
+    def forward_backward(self, batches: Sequence[Batch], *, nan_loss: bool = False) -> StepStats:
+        if len(batches) != self.micro_batches:
+            raise ValueError(f"forward_backward: {len(batches)} micro-batches, the engine was built for {self.micro_batches}")
+        stats = StepStats()
+        for i, batch in enumerate(batches):
+            self._ds.set_gradient_accumulation_boundary(i == len(batches) - 1)
+            ids, kwargs = to_device(batch, self.device)
+            loss = self._ds(ids, **kwargs).loss
+            if nan_loss:
+                loss = loss * float("nan")
+            self._ds.backward(loss)
+            stats.add(loss.detach().float().item(), ids.numel())
+        return stats
+
+    def step(self, skip: bool, *, grad_norm: bool = False) -> Optional[float]:
+        # at ZeRO-0 the boundary's backward has reduced the gradients, so the local norm is the global one
+        norm = local_grad_norm(self.module) if grad_norm and self._own_norm else None
+        # ZeRO may drop the update on its own (non-finite gradient norm); skipping is then a no-op
+        with self.optimizer.skipping(skip):
+            self._ds.step()
+        if grad_norm and not self._own_norm:
+            reported = self._ds.get_global_grad_norm()
+            norm = float(reported) if reported is not None else None
+        return norm
+
+
+@contextmanager
+def _writes_named(engine: Any) -> Iterator[None]:
+    """DeepSpeed writes its files through ``engine.checkpoint_engine.save(state_dict, path)`` with
+    ``torch.save``, which reports a full disk without naming the file; wrap it for this save so the
+    error names the file."""
+    writer = getattr(engine, "checkpoint_engine", None)
+    if writer is None:
+        yield
+        return
+    own = "save" in vars(writer)
+    original = writer.save
+
+    def save(state_dict: Any, path: str) -> Any:
+        with layout.writing(Path(path)):
+            return original(state_dict, path)
+
+    writer.save = save
+    try:
+        yield
+    finally:
+        if own:
+            writer.save = original
+        else:
+            del writer.save
