@@ -26,8 +26,9 @@ from typing import Optional
 
 import torch
 
-from hybrid_lm.export.adapters import NativeAdapter, SpecialIds
+from hybrid_lm.export.native import NativeAdapter
 from hybrid_lm.models.config import ModelConfig
+from hybrid_lm.models.model_dir import SpecialIds
 
 
 def _rename(config: ModelConfig, name: str) -> str:

@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 
 from hybrid_lm.export.cli import refusals
+from hybrid_lm.export.llama import LlamaAdapter
+from hybrid_lm.export.mamba2 import Mamba2Adapter
 from hybrid_lm.export.tokenizer import source_special_ids
 from hybrid_lm.models.config import ModelConfig
 from hybrid_lm.models.model_dir import (HF_TOKENIZER_FILES, TOKENIZER, ExportError, check_state_dict, prepare_out_dir,
@@ -29,9 +31,6 @@ from hybrid_lm.models.model_dir import (HF_TOKENIZER_FILES, TOKENIZER, ExportErr
 
 
 def _adapter(model_type: str):
-    from hybrid_lm.export.llama import LlamaAdapter
-    from hybrid_lm.export.mamba2 import Mamba2Adapter
-
     adapters = {"llama": LlamaAdapter(), "mamba2": Mamba2Adapter()}
     if model_type not in adapters:
         raise ExportError(f"cannot import model_type {model_type!r} (supported: {', '.join(adapters)})")

@@ -21,10 +21,10 @@ from typing import Optional
 
 import torch
 
-from hybrid_lm.export.adapters import NativeAdapter, SpecialIds
+from hybrid_lm.export.native import NativeAdapter
 from hybrid_lm.models.attention.hf_mapping import hf_llama_config_kwargs, hf_llama_name, to_hf_llama_state_dict
 from hybrid_lm.models.config import AttentionConfig, MLPConfig, ModelConfig
-from hybrid_lm.models.model_dir import ExportError, expected_shapes
+from hybrid_lm.models.model_dir import ExportError, SpecialIds, expected_shapes
 
 
 class LlamaAdapter(NativeAdapter):

@@ -13,10 +13,10 @@ from typing import Optional
 
 import torch
 
-from hybrid_lm.export.adapters import NativeAdapter, SpecialIds
+from hybrid_lm.export.native import NativeAdapter
 from hybrid_lm.models.config import Mamba2Config, ModelConfig
 from hybrid_lm.models.mamba2 import hf_mapping
-from hybrid_lm.models.model_dir import ExportError
+from hybrid_lm.models.model_dir import ExportError, SpecialIds
 
 
 class Mamba2Adapter(NativeAdapter):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal, NoReturn, Optional
 
 from hybrid_lm.models.atlas.config import AtlasConfig
+from hybrid_lm.models.common.registry import layer_specs
 from hybrid_lm.models.titans.config import TitansConfig
 from hybrid_lm.typed_config import InvalidValue, require_at_least, require_positive
 
@@ -140,8 +141,6 @@ class ModelConfig:
                 self._fail(f"{name}.{exc.key}", exc.problem)
         if not self.layer_pattern:
             self._fail("layer_pattern", "is empty")
-        from hybrid_lm.models.common.registry import layer_specs
-
         specs = layer_specs()
         for i, ch in enumerate(self.layer_pattern):
             if ch not in specs:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from hybrid_lm.export.native import Adapter
 from hybrid_lm.export.remote.vendor import vendor
 from hybrid_lm.export.weights import cast, save_sharded
 from hybrid_lm.models.common.registry import get_layer_spec
@@ -91,7 +92,7 @@ def portable_config_dict(config: ModelConfig) -> dict:
     return data
 
 
-class RemoteAdapter:
+class RemoteAdapter(Adapter):
     """Adapter-table entry for the remote-code path (see ``hybrid_lm.export.adapters``)."""
 
     name = "remote"

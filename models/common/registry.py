@@ -4,6 +4,12 @@ Families register themselves on import; ``ensure_builtin_layers()`` imports the 
 that the stack (``models/hybrid.py``) and config validation see every letter without importing
 any family by name. A new family adds a module that calls ``register_layer`` and one entry in
 ``BUILTIN_FAMILIES``.
+
+This module imports no family and, at run time, nothing else of ours, so ``models/config.py`` and
+every family import it at the top. The families are named as strings, not imported, for two
+reasons: a family imports ``register_layer`` from here (a plain import back would be a cycle), and
+a remote-code export vendors only the families its pattern uses (``export/remote``), so a
+built-in family that is absent is skipped.
 """
 from __future__ import annotations
 

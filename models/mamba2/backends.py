@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from hybrid_lm.kernels.ssd.reference import segment_index
+
 try:  # pragma: no cover - depends on the machine
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 except ImportError:  # pragma: no cover
@@ -36,6 +38,4 @@ def use_conv_kernel(x: torch.Tensor, backend: str, has_state: bool) -> bool:
 
 def seq_idx_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     """(B, L) ids -> int32 non-decreasing segment index from 0, the kernels' ``seq_idx``."""
-    from hybrid_lm.kernels.ssd.reference import segment_index
-
     return segment_index(doc_ids).to(torch.int32)

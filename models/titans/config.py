@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from hybrid_lm.typed_config import InvalidValue, require_at_least, require_positive
+
 
 @dataclass(kw_only=True)
 class MemoryUpdateConfig:
@@ -55,8 +57,6 @@ class MemoryUpdateConfig:
 
     def validate(self) -> None:
         """Values impossible for any memory layer."""
-        from hybrid_lm.typed_config import require_at_least, require_positive
-
         require_at_least(self, 1, "memory_depth", "memory_expansion", "chunk_size")
         require_at_least(self, 0, "conv_size")
         require_positive(self, "theta_max", "max_grad_norm")  # max_grad_norm: null switches the clamp off
@@ -87,8 +87,6 @@ class TitansConfig(MemoryUpdateConfig):
     def validate(self) -> None:
         """Values impossible for any model (``ModelConfig`` runs this; ``validate_for_model`` checks
         the fit with d_model and the pattern)."""
-        from hybrid_lm.typed_config import require_at_least, require_positive
-
         super().validate()
         require_at_least(self, 1, "n_heads", "window", "segment_len", "head_dim")
         require_at_least(self, 0, "n_persistent")
@@ -99,8 +97,6 @@ class TitansConfig(MemoryUpdateConfig):
         memory layer (Titans T/C/G/L, ATLAS X/D) splits d_model into ``n_heads`` memory heads, the
         attention of C/G/L needs an even RoPE head dim d_model / n_heads, and C's segments are whole
         chunks."""
-        from hybrid_lm.typed_config import InvalidValue
-
         used = set(layer_pattern)
         if used & set("TCGLXD") and self.head_dim is None and d_model % self.n_heads:
             raise InvalidValue("n_heads", f"{self.n_heads} does not divide d_model={d_model}")
