@@ -23,18 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybrid_lm.models.attention.rope import apply_rope, rope_cos_sin
 from hybrid_lm.models.attention.window import blocked_window_attention, causal_context
 from hybrid_lm.models.common.mixer import Layer, State, linear_flops
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotate-half RoPE. x (B, H, T, d) with even d; positions (B, T) -> (B, H, T, d)."""
-    d = x.size(-1)
-    inv = 1.0 / (base ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float64) / d))
-    ang = positions.to(torch.float64)[:, None, :, None] * inv  # (B, 1, T, d/2)
-    cos, sin = torch.cos(ang).to(x.dtype), torch.sin(ang).to(x.dtype)
-    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    """The project's RoPE (``models/attention/rope.py``). x (B, H, T, d) with even d; positions
+    (B, T) -> (B, H, T, d). Angles in fp64, as this family has always computed them: there is no
+    HF class to match here, and fp32 angles are off by ~1e-3 rad at position 16K."""
+    cos, sin = rope_cos_sin(positions, x.size(-1), base, x.dtype, angle_dtype=torch.float64)
+    return apply_rope(x, cos, sin)
 
 
 def doc_positions(start: torch.Tensor, doc_ids: Optional[torch.Tensor], seq_len: int) -> torch.Tensor:
