@@ -158,19 +158,29 @@ class Tokenizer:
         return path
 
     def to_hf(self, out_dir: Union[str, Path]) -> Path:
-        """Write a folder loadable by ``transformers.AutoTokenizer.from_pretrained`` offline."""
-        from transformers import PreTrainedTokenizerFast
+        """Write a folder loadable by ``transformers.AutoTokenizer.from_pretrained`` offline: eos
+        named as bos too (the byte-level vocab has no other), pad when the vocab has one."""
+        pad = PAD if self.hf.token_to_id(PAD) is not None else EOS
+        return save_for_transformers(self.hf, out_dir, {"bos_token": EOS, "eos_token": EOS, "pad_token": pad,
+                                                        "unk_token": None})
 
-        fast = PreTrainedTokenizerFast(tokenizer_object=HFTokenizer.from_str(self.hf.to_str()),
-                                       eos_token=EOS, pad_token=PAD if self.hf.token_to_id(PAD) is not None else EOS,
-                                       bos_token=EOS, unk_token=None)
-        fast.save_pretrained(str(out_dir))
-        out = Path(out_dir)
-        # transformers >= 5 no longer writes this file; older loaders and other tools still read it
-        if not (out / "special_tokens_map.json").exists():
-            specials = {"bos_token": fast.bos_token, "eos_token": fast.eos_token, "pad_token": fast.pad_token}
-            (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")
-        return out
+
+def save_for_transformers(hf: HFTokenizer, out_dir: Union[str, Path], specials: dict[str, Optional[str]]) -> Path:
+    """Write ``hf`` as a folder that ``transformers.AutoTokenizer.from_pretrained`` loads offline:
+    ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` through
+    ``PreTrainedTokenizerFast``, with the special tokens named by ``specials`` (``{"eos_token":
+    "</s>", ...}``; None leaves one unnamed). ``hf`` itself is not changed. Used for a run's
+    tokenizer (``Tokenizer.to_hf``) and by the export for a bare ``tokenizer.json``."""
+    from transformers import PreTrainedTokenizerFast  # heavy; only exports need it
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=HFTokenizer.from_str(hf.to_str()), **specials)
+    fast.save_pretrained(str(out_dir))
+    out = Path(out_dir)
+    # transformers >= 5 no longer writes this file; older loaders and other tools still read it
+    if not (out / "special_tokens_map.json").exists():
+        named = {name: text for name, text in specials.items() if text is not None}
+        (out / "special_tokens_map.json").write_text(json.dumps(named, indent=2) + "\n", encoding="utf-8")
+    return out
 
 
 def encode_documents(tok: Tokenizer, texts: Iterable[str]) -> Iterator[np.ndarray]:

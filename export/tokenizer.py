@@ -13,7 +13,7 @@ A source tokenizer is one of three kinds (``tokenizer_kind``):
     (also as bos, the byte-level vocab has no other) and pad named.
 ``bare``
     any other lone ``tokenizer.json``: wrapped in ``PreTrainedTokenizerFast`` with the specials
-    named after the ids below.
+    named after the ids below, by the same writer as ``to_hf`` (``save_for_transformers``).
 
 bos/eos/pad ids: what the import recorded from the source model (``special_token_ids.json``, read
 by the caller), else the tokenizer's own: the names in ``tokenizer_config.json`` (``hf``), the data
@@ -22,13 +22,13 @@ package's eos/pad (``hybrid-lm``), well-known names such as ``</s>`` (``bare``).
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from hybrid_lm.data.tokenizer import EOS, Tokenizer, save_for_transformers
 from hybrid_lm.models.model_dir import TOKENIZER, ExportError, SpecialIds, copy_tokenizer_files, read_json_object
 
 KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -58,8 +58,6 @@ def tokenizer_kind(tokenizer_dir: Optional[Path]) -> Optional[str]:
         return None
     if (Path(tokenizer_dir) / TOKENIZER_CONFIG).is_file():
         return "hf"
-    from hybrid_lm.data.tokenizer import EOS
-
     return "hybrid-lm" if _load(tokenizer_dir).token_to_id(EOS) is not None else "bare"
 
 
@@ -105,8 +103,6 @@ def special_token_ids(tokenizer_dir: Optional[Path], recorded: Optional[SpecialI
         return _ids_from_tokenizer_config(tokenizer_dir)
     if kind == "bare":
         return _ids_by_well_known_names(tokenizer_dir)
-    from hybrid_lm.data.tokenizer import Tokenizer
-
     tok = Tokenizer.load(tokenizer_dir)
     # to_hf names eos as bos too (byte-level vocab has no separate bos)
     return {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
@@ -140,16 +136,9 @@ def _token_name(hf: HFTokenizer, token_id: Any) -> Optional[str]:
 
 
 def _wrap_bare(tokenizer_dir: Path, out_dir: Path, special_ids: SpecialIds) -> None:
-    from transformers import PreTrainedTokenizerFast
-
     hf = _load(tokenizer_dir)
     names = {key.removesuffix("_id"): _token_name(hf, special_ids.get(key)) for key in KEYS}
-    fast = PreTrainedTokenizerFast(tokenizer_object=hf, **names)
-    fast.save_pretrained(str(out_dir))
-    # transformers >= 5 no longer writes this file; older loaders and other tools still read it
-    specials = {name: text for name, text in names.items() if text is not None}
-    if not (out_dir / "special_tokens_map.json").exists():
-        (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")
+    save_for_transformers(hf, out_dir, names)
 
 
 def write_tokenizer(tokenizer_dir: Optional[Path], out_dir: Path, special_ids: SpecialIds) -> Optional[str]:
@@ -161,7 +150,5 @@ def write_tokenizer(tokenizer_dir: Optional[Path], out_dir: Path, special_ids: S
     elif kind == "bare":
         _wrap_bare(Path(tokenizer_dir), out_dir, special_ids)
     elif kind == "hybrid-lm":
-        from hybrid_lm.data.tokenizer import Tokenizer
-
         Tokenizer.load(tokenizer_dir).to_hf(out_dir)
     return kind

@@ -1,10 +1,12 @@
 """Tokenizers: byte-level ids are the UTF-8 bytes, BPE trains/saves/loads, HF export loads offline."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
-from hybrid_lm.data.tokenizer import EOS, PAD, Tokenizer
+from hybrid_lm.data.tokenizer import EOS, PAD, Tokenizer, save_for_transformers
 
 TEXTS = ["plain ascii", "héllo wörld — ✓ 日本語 🙂", "tabs\tand\nnewlines\r\n  ", "<|endoftext|> is text here", ""]
 
@@ -69,6 +71,21 @@ def test_hf_export_loads_offline(tmp_path):
     assert hf.encode(text, add_special_tokens=False) == tok.encode(text)
     assert (hf.eos_token_id, hf.pad_token_id) == (256, 257)
     assert hf.decode(tok.encode(text)) == text
+
+
+def test_save_for_transformers_names_only_the_given_specials(tmp_path):
+    """The one HF wrapper (used by to_hf and by the export of a bare tokenizer.json): unnamed
+    specials stay unnamed, and the tokenizer passed in is not changed."""
+    from transformers import AutoTokenizer
+
+    tok = Tokenizer.byte_level()
+    before = tok.hf.to_str()
+    save_for_transformers(tok.hf, tmp_path / "hf", {"bos_token": None, "eos_token": EOS, "pad_token": None})
+    assert tok.hf.to_str() == before
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    assert (hf.eos_token, hf.bos_token, hf.pad_token) == (EOS, None, None)
+    specials = json.loads((tmp_path / "hf" / "special_tokens_map.json").read_text())
+    assert specials.get("eos_token") in (EOS, {"content": EOS}) and "pad_token" not in specials
 
 
 def test_load_missing_file(tmp_path):
