@@ -47,10 +47,13 @@ class AtlasConfig:
     poly_degree: int = 2
     """degree of the polynomial feature map of keys/queries (0 disables; paper value not stated).
     The key size grows as d^p: see models/titans/README.md for the memory cost"""
-    poly_form: PolyForm = "tensor"
+    poly_form: PolyForm = "monomial"
     """"tensor": the paper's self-tensor powers, 1 + d + ... + d^p features of a head dim d;
     "monomial": each distinct monomial once (sqrt-multinomial weights), C(d+p, p) features, the
-    same kernel phi(q).phi(k) at about 1/p! of the key size"""
+    same kernel phi(q).phi(k) at about 1/p! of the key size. Monomial is the default: the first
+    memory layer is linear in the features, so the duplicated tensor entries (x_i x_j and x_j x_i)
+    add no function the monomial layout lacks, and a forward + backward of ``X-`` at d_model 192,
+    512 tokens took 5.8 s instead of 22.8 s (one CPU thread, measured 2026-12-04)"""
     optimizer: Literal["muon", "momentum"] = "momentum"
     """inner optimiser: Newton-Schulz-orthogonalised momentum (``muon``, the paper's ATLAS) or plain
     momentum (the paper's "w/o Muon" ablation). Plain momentum is the default because Muon is not

@@ -225,7 +225,8 @@ def test_deep_transformer_has_its_own_config() -> None:
     assert get_layer_spec("X").build(cfg, 0).spec.ns_steps == cfg.atlas.ns_steps == 5
     assert (ds.omega_window, ds.poly_degree, ds.ns_steps, ds.bias, ds.momentum, ds.decay) == (1, 1, 0, "dot", False, False)
     assert d_layer.gate_names == ("theta",) and x_layer.gate_names == ("theta", "eta", "alpha", "gamma")
-    assert d_layer.d_key == 1 + 8 and x_layer.d_key == 1 + 8 + 64
+    # D keeps the paper's tensor layout by default; X defaults to monomials: C(8 + 2, 2) = 45 features
+    assert d_layer.d_key == 1 + 8 and x_layer.d_key == 45
     model = HybridLM(cfg)
     assert [type(b.layer).__name__ for b in model.blocks][::2] == ["NeuralMemory", "NeuralMemory"]
     cfg.atlas.deep_transformer.omega_window = 0
