@@ -7,7 +7,7 @@ against a plain PyTorch loop (AdamW, same model, same batches, same number of st
 Both paths see identical pre-generated batches; the time of a step is the gap between two batch
 fetches, so set-up (DeepSpeed init, process group) is excluded and only the steady state counts.
 Modes alternate (plain, engine, plain, engine) so drift on a shared machine hits both; medians are
-reported (PERFORMANCE.md: ratios from one run, never a single time).
+reported (on a shared machine only ratios from one run hold, never a single time).
 """
 from __future__ import annotations
 

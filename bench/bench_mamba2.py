@@ -3,7 +3,7 @@
 Run: ``python bench/bench_mamba2.py`` (``--quick`` for a smoke run at T = 256, 512).
 
 What it reports (medians of ``torch.utils.benchmark.Timer`` in one run, one intra-op thread;
-absolute times on shared CPUs are noise, the ratios are what holds, see /work/shared/PERFORMANCE.md):
+absolute times on shared CPUs are noise, the ratios within one run are what holds):
 
 1. forward + backward of one Mamba-2 layer (d_model 256, d_inner 512, 16 heads of 32, d_state 64,
    G = 1, chunk 64, batch 1) through three scans with identical weights: ours (chunked SSD),

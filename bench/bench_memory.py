@@ -2,8 +2,8 @@
 
 Run: ``python bench/bench_memory.py`` (add ``--quick`` for a smoke run).
 
-Reports, as medians of ``torch.utils.benchmark.Timer`` in one run (ratios, not absolute times,
-are what holds on shared CPUs; see /work/shared/PERFORMANCE.md):
+Reports, as medians of ``torch.utils.benchmark.Timer`` in one run (ratios within one run, not
+absolute times, are what holds on shared CPUs):
 1. chunked kernel vs the per-token oracle at T = 512, 1024, 2048, outputs asserted equal; forward,
    then forward + backward;
 2. chunked time and peak memory at T vs 2T (a linear layer stays near 2x). Peak memory is the

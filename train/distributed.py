@@ -6,7 +6,7 @@ a one-rank group is created on a free loopback port, so the same code path (Deep
 collectives) runs everywhere and there is no "non-distributed" special case to drift.
 
 NCCL on CUDA, gloo on CPU. The group timeout bounds how long a rank stuck before a collective can
-hang the job (RELIABILITY.md): past it the collective raises and the job exits non-zero.
+hang the job: past it the collective raises and the job exits non-zero.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
     ...  # each step: rate = meter.update(tokens_this_step)
     logger.log(step, {"train/loss": loss, "train/tokens_per_s": rate, "train/mfu": mfu(fpt, rate, peak)})
 
-MFU convention (PERFORMANCE.md, Megatron's): training FLOPs per token = 3 x forward FLOPs per token
+MFU convention (Megatron's): training FLOPs per token = 3 x forward FLOPs per token
 (the backward pass costs twice the forward), forward FLOPs from ``HybridLM.flops_per_token`` (matmuls
 2*m*n, the causal attention core counted once over the real packed context). ``mfu`` takes the
 *training* FLOPs per token (already x3) and the tokens/s of one device, against that device's dense

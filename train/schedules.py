@@ -1,4 +1,4 @@
-"""Learning-rate schedules as pure functions of the step (spec/09-lr-schedules.md).
+"""Learning-rate schedules as pure functions of the step.
 
     lr_at = build_lr_schedule(cfg.schedule, total_steps=cfg.train.steps)
     lr = lr_at(step)
@@ -11,11 +11,12 @@ Kinds (peak ``lr``, warm-up ``N_w`` steps linear from 0):
 
 * ``cosine``: cosine decay from the peak to ``min_lr_ratio * lr`` at the last step.
 * ``wsd``: stable at the peak, then a decay over the last ``decay_fraction`` of the steps to
-  ``min_lr_ratio * lr`` with a linear, cosine or 1-sqrt shape (spec §9.2).
-* ``infinite`` (spec §9.1): cosine cool-down to ``constant_lr_ratio * lr`` over ``cooldown_steps``,
-  constant (the "infinite" phase; continual pretraining adds data here without re-warming), then an
-  exponential anneal to ``min_lr_ratio * lr`` over the last ``anneal_steps`` (0 = never anneal, so a
-  branch of the run can anneal while the main run continues at the plateau).
+  ``min_lr_ratio * lr`` with a linear, cosine or 1-sqrt shape (warmup-stable-decay).
+* ``infinite`` ("Beyond Cosine Decay", arXiv 2503.02844): cosine cool-down to
+  ``constant_lr_ratio * lr`` over ``cooldown_steps``, constant (the "infinite" phase; continual
+  pretraining adds data here without re-warming), then an exponential anneal to
+  ``min_lr_ratio * lr`` over the last ``anneal_steps`` (0 = never anneal, so a branch of the run
+  can anneal while the main run continues at the plateau).
 * ``constant``: the peak after warm-up.
 """
 from __future__ import annotations

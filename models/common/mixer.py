@@ -5,7 +5,7 @@ mixer (attention, Mamba-2, Titans memory, ...) or a channel mixer (SwiGLU MLP). 
 talks to layers through this interface, so a new family plugs in by registering a builder
 (see ``registry.py``) and never edits the stack.
 
-Conventions (shared by every family, see spec/10-integration.md):
+Conventions (shared by every family):
 
 * ``x``: (B, T, D) activations, already normalised by the block.
 * ``doc_ids``: (B, T) int64 or None. Tokens with equal ids in a row belong to the same document;

@@ -64,7 +64,7 @@ class MemoryUpdateConfig:
 
 @dataclass(kw_only=True)
 class TitansConfig(MemoryUpdateConfig):
-    """Neural memory hyperparameters (see spec/02-titans.md, spec/03-miras-atlas.md): the memory
+    """Neural memory hyperparameters (Titans, arXiv 2501.00663; ATLAS, arXiv 2505.23735): the memory
     fields of ``MemoryUpdateConfig`` plus heads and the attention of MAC/MAG/MAL.
 
     Values the paper leaves open are marked; defaults then follow lucidrains' titans-pytorch.

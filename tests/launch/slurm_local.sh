@@ -8,7 +8,7 @@
 # Debian builds Slurm with multiple-slurmd support, so two slurmd daemons on one host act as two
 # nodes (node1, node2; one CPU each, NodeAddr 127.0.0.1). Everything (config, state, spool, logs, pid
 # files) lives under SLURM_LOCAL_DIR (default /tmp/hybrid-lm-slurm). There is no systemd on CI
-# machines, so the daemons are started by hand; the config follows ../shared/SLURM-LOCAL.md. Ports
+# machines, so the daemons are started by hand (munged, slurmctld, then one `slurmd -N` per node). Ports
 # 16817 (slurmctld), 17001 and 17002 (slurmd) must be free.
 set -euo pipefail
 T=${SLURM_LOCAL_DIR:-/tmp/hybrid-lm-slurm}

@@ -1,4 +1,4 @@
-"""RELIABILITY.md test 2: SIGKILL at random points while checkpointing every step.
+"""Crash during save: SIGKILL at random points while checkpointing every step.
 
 After each kill, ``latest`` names a complete checkpoint (or none exists yet), the newest
 complete checkpoint loads, and a resumed run finishes with the same final weights as a run that

@@ -1,4 +1,4 @@
-"""Loading a checkpoint never runs code from it (RELIABILITY.md): DeepSpeed's ``ds/*.pt`` files go
+"""Loading a checkpoint never runs code from it: DeepSpeed's ``ds/*.pt`` files go
 through weights-only unpickling with a minimal allowlist, on resume and in ``load_model_state``.
 
 The attack: replace one of DeepSpeed's files with a pickle whose ``__reduce__`` calls ``os.system``

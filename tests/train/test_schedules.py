@@ -1,4 +1,5 @@
-"""LR schedules: the spec's properties (spec/09 §9.3) for every kind."""
+"""LR schedules, every kind: continuous at each phase boundary, the stated values where phases end,
+non-increasing after warm-up, and a pure function of the step (a resume gets the same lr)."""
 import math
 import random
 

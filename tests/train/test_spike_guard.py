@@ -1,4 +1,4 @@
-"""The optional loss-spike guard (RELIABILITY.md, Faults): an outlier loss skips its update on every
+"""The optional loss-spike guard: an outlier loss skips its update on every
 rank, is counted, and the window it compares against survives a resume bitwise."""
 import pytest
 import torch

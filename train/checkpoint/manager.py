@@ -1,6 +1,6 @@
 """Save and restore a whole training run: the engine's files for model and optimiser, ours for the rest.
 
-``save(...)`` is collective (every rank calls it) and follows RELIABILITY.md: write into
+``save(...)`` is collective (every rank calls it) and atomic: write into
 ``step-XXXXXXX.tmp/``, barrier, rank 0 renames it to ``step-XXXXXXX/``, writes ``COMPLETE.json``
 (sha256 of every file) and only then moves ``latest`` and purges old checkpoints. A crash at any
 point leaves either the previous state or a directory that never counts.

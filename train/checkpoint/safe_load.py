@@ -1,5 +1,5 @@
-"""Weights-only unpickling for DeepSpeed's checkpoint files (RELIABILITY.md: loading never unpickles
-arbitrary objects).
+"""Weights-only unpickling for DeepSpeed's checkpoint files: loading never unpickles arbitrary
+objects, since a checkpoint may come from someone else and a pickle can run any code.
 
 DeepSpeed reads its own ``ds/*.pt`` files with ``torch.load(weights_only=False)``, both in
 ``engine.load_checkpoint`` (TorchCheckpointEngine) and in ``zero_to_fp32`` (which
@@ -55,7 +55,7 @@ from hybrid_lm.train.checkpoint.layout import CheckpointError
 
 FORCE_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 NO_FORCE_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
-_WHY = (f"loading never runs code from checkpoint files (RELIABILITY.md); if a DeepSpeed upgrade wrote "
+_WHY = (f"loading never runs code from checkpoint files; if a DeepSpeed upgrade wrote "
         f"this file, review the class and add it to the allowlist in {__name__}")
 
 _lock = threading.RLock()
