@@ -83,7 +83,7 @@ class HybridLM(nn.Module):
         NemotronH, so attention and Mamba-2 layers start on the same scale. It is a choice, not
         mamba_ssm's recipe: mamba_ssm keeps PyTorch's Kaiming-uniform for the Mamba linears
         (std 1/sqrt(3 fan_in), 0.036 at width 256) and re-draws out_proj the same way before the
-        rescale (spec 01 section 1.5)."""
+        rescale (as mamba_ssm initialises Mamba-2)."""
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, nn.Linear):

@@ -1,4 +1,5 @@
-"""Newton-Schulz-5 orthogonalisation (Muon), the inner optimiser of ATLAS (spec 3.4).
+"""Newton-Schulz-5 orthogonalisation (Muon), the inner optimiser of ATLAS (Muon's recipe, as
+lucidrains' ``newtonschulz5``).
 
 Maps a matrix S to an approximation of the nearest semi-orthogonal matrix ``U V^T`` (for
 ``S = U Sigma V^T``) with a fixed odd polynomial iteration, so it is differentiable, batched over

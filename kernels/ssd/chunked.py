@@ -1,6 +1,6 @@
 """Chunked SSD (Mamba-2's training form) in plain PyTorch, with documents and state passing.
 
-The sequence is cut into chunks of Q tokens (spec 01 §1.4). Inside a chunk the output is a masked
+The sequence is cut into chunks of Q tokens (the Mamba-2 paper's SSD algorithm). Inside a chunk the output is a masked
 Q x Q "attention" with scores C·B and decays exp(segsum(dt·A)); across chunks a (B, H, P, N) state
 is passed by the recurrence S_end(c) = exp(total_c) · S_end(c-1) + st_c (c = L/Q chunks). The
 largest intermediates are the per-head (B, c, H, Q, Q) decays and (B, c, H, P, N) states.
@@ -12,7 +12,7 @@ takes its gradient from dY·Y and X·dX instead of differentiating the Q x Q seg
 recurrence (an autograd graph over that loop had ~20 nodes per chunk, and the dense
 (c+1) x (c+1) matmul that replaced it cost ~70x the flops plus layout copies).
 
-Packed documents use the five explicit masks of §1.7 rather than -inf decays (which give
+Packed documents use five explicit masks (README.md, Documents) rather than -inf decays (which give
 inf - inf = NaN in the state decay). All internals run in fp32 (fp64 when x is fp64), as the
 cumulative decays lose precision in bf16.
 
@@ -257,7 +257,7 @@ def ssd_chunked(
     scaled = xtok.transpose(2, 3) * coef[..., None]  # (B, c, G, Q, R, P)
     chunk_states = Bc.transpose(-1, -2) @ scaled.flatten(-2)  # (B, c, G, N, R·P)
 
-    # 3. State passing (spec §1.4 step 3), S_end(c) = exp(total_c) · S_end(c-1) + st_c.
+    # 3. State passing (step 3 of the SSD algorithm), S_end(c) = exp(total_c) · S_end(c-1) + st_c.
     chunk_decay = exp_flushed(Acum[..., -1])  # (B, c, G, R)
     if seg is not None:
         # Mask 4: the carried state dies in a chunk that starts a new document before its end,

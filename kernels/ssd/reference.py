@@ -1,8 +1,8 @@
 """Sequential Mamba-2 (SSD) recurrence: the test oracle for ``chunked.ssd_chunked``.
 
-It runs spec 01 §1.3 step 6 token by token, so it is O(L) Python iterations and only meant for
+It runs the SSM recurrence (README.md, Recurrence) token by token, so it is O(L) Python iterations and only meant for
 tests and benchmarks. Documents are handled the obvious way: the state is zeroed wherever the
-document id changes, which is what the five masks of §1.7 must reproduce in the chunked form.
+document id changes, which is what the five masks (README.md, Documents) must reproduce in the chunked form.
 """
 from __future__ import annotations
 

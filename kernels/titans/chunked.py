@@ -1,4 +1,5 @@
-"""Chunked parallel training form of the Titans / ATLAS memory update (spec 2.4, 3.5).
+"""Chunked parallel training form of the Titans / ATLAS memory update (Titans paper section 3.2;
+ATLAS paper section 3.3).
 
 Recurrence, per head and token t (momentum form; ``T`` is the identity or Newton-Schulz):
 
@@ -9,7 +10,7 @@ Recurrence, per head and token t (momentum form; ``T`` is the identity or Newton
 
 ``W_anchor`` is the memory at the start of the chunk containing t (mini-batch gradient descent;
 chunk size 1 is exact online learning). Plain momentum (Titans): inner = theta, outer = 1.
-Muon (ATLAS, step size outside the orthogonalisation, spec 3.5): inner = 1, outer = theta.
+Muon (ATLAS, step size outside the orthogonalisation, ATLAS paper section 3.3): inner = 1, outer = theta.
 
 Inside a chunk all b gradients are computed in one batched call and both recurrences are
 lower-triangular matmuls with log-space decay matrices (``scan.py``). Chunks run one after

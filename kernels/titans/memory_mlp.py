@@ -1,8 +1,9 @@
 """The memory network M_W as pure functions of its weights, and its per-token inner gradients.
 
-The memory is an MLP without biases whose weight matrices are the recurrent state (spec 2.3):
-``dims = (d_in, e*d_out, ..., e*d_out, d_out)``, GELU between layers, optionally with the
-residual ``M(x) = x + MLP(x)`` used by Miras/ATLAS (only possible when d_in == d_out).
+The memory is an MLP without biases whose weight matrices are the recurrent state (Titans' deep
+memory, L_M >= 1 layers): ``dims = (d_in, e*d_out, ..., e*d_out, d_out)``, GELU between layers,
+optionally with the residual ``M(x) = x + MLP(x)`` used by Miras/ATLAS (only possible when
+d_in == d_out).
 Depth 1 is the linear memory ``M(k) = W k``.
 
 The gradients are written out analytically instead of ``vmap(grad(...))``: every per-token
@@ -78,7 +79,8 @@ def memory_grads(
 
     For token t of a chunk, ``grad_t = d/dW sum_j gamma[t, j] * loss(W; k[t, j], v[t, j])`` with
     loss ``||M_W(k) - v||^2`` (``bias="l2"``, no 1/2 as in the paper) or the Hebbian
-    ``-<M_W(k), v>`` (``bias="dot"``, DeepTransformers; sign per spec 3.6).
+    ``-<M_W(k), v>`` (``bias="dot"``, DeepTransformers; the minus sign makes gradient descent the
+    Hebbian write ``W + eta v k^T``).
 
     weights[l]: (N, out_l, in_l); k: (N, b, c, d_in); v: (N, b, c, d_out); gamma: (N, b, c)
     (c = Omega window, 1 for Titans). Returns one (N, b, out_l, in_l) tensor per layer.

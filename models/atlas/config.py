@@ -14,9 +14,9 @@ PolyForm = Literal["tensor", "monomial"]
 
 @dataclass
 class DeepTransformerConfig:
-    """Layer ``D`` (spec 3.3): Hebbian (dot-product) bias ``-<M(phi(k)), v>``, a deep memory,
-    plain gradient steps, no forgetting; with a linear memory it is unnormalised kernel
-    attention ``y_t = W_0 phi(q_t) + sum_{i<=t} theta_i v_i phi(k_i).phi(q_t)``.
+    """Layer ``D`` (the ATLAS paper's DeepTransformers): Hebbian (dot-product) bias
+    ``-<M(phi(k)), v>``, a deep memory, plain gradient steps, no forgetting; with a linear memory
+    it is unnormalised kernel attention ``y_t = W_0 phi(q_t) + sum_{i<=t} theta_i v_i phi(k_i).phi(q_t)``.
     Heads, depth, chunk size and gate scales come from ``TitansConfig``."""
 
     omega_window: int = 1

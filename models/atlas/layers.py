@@ -1,8 +1,8 @@
 """ATLAS layer types: ``X`` (ATLAS memory layer) and ``D`` (DeepTransformer-style memory layer).
 
 Both are the Titans memory layer (``models/titans/memory.py``) with ATLAS options, used as the
-sequence mixer in place of attention (spec 3.3). Each reads its own config section, so a stack
-can hold both with different settings:
+sequence mixer in place of attention (ATLAS paper: Atlas and DeepTransformers). Each reads its own
+config section, so a stack can hold both with different settings:
 
 * ``X`` ATLAS (``atlas.*``): Omega rule over the last ``omega_window`` tokens with per-token gates
   gamma, polynomial features of degree ``poly_degree`` on keys and queries, and Muon

@@ -2,7 +2,7 @@
 
 The state is the last ``K - 1`` *pre-conv* inputs (B, C, K-1), so a call continuing a previous
 one sees the same taps as a single pass. With documents, a tap from another document is dropped
-(mask 1 of spec 01 §1.7): an output at t only sums inputs s with the same segment as t; the
+(mask 1 of kernels/ssd/README.md, Documents): an output at t only sums inputs s with the same segment as t; the
 carried state belongs to the row's first document.
 """
 from __future__ import annotations

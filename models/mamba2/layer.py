@@ -1,4 +1,5 @@
-"""The Mamba-2 mixer (SSD), layer letter ``M``, following spec 01 §1.2-1.7.
+"""The Mamba-2 mixer (SSD), layer letter ``M``, following mamba_ssm's ``Mamba2`` (shapes, forward,
+init, decode, documents).
 
     zxbcdt = in_proj(u)                       split [z, xBC, dt]  sizes [d_inner, conv_dim, H]
     xBC    = SiLU(causal depthwise conv(xBC))  split [x, B, C]     sizes [d_inner, G·N, G·N]
@@ -76,7 +77,7 @@ class Mamba2(Layer):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Spec §1.5: dt log-uniform in [dt_min, dt_max] stored as inverse softplus, A ~ U(range),
+        """As mamba_ssm: dt log-uniform in [dt_min, dt_max] stored as inverse softplus, A ~ U(range),
         D = 1, conv PyTorch default, norm weight 1. Linear layers are left to the stack."""
         dev = self.dt_bias.device
         lo, hi = math.log(self.dt_min), math.log(self.dt_max)
@@ -158,7 +159,8 @@ class Mamba2(Layer):
         return y, {"conv": new_conv, "ssm": final}
 
     def step(self, x: torch.Tensor, state: Optional[State]) -> tuple[torch.Tensor, Optional[State]]:
-        """Decode one token (spec §1.6): u (B, D) -> y (B, D), updated conv and ssm states."""
+        """Decode one token (as mamba_ssm's ``Mamba2.step``): u (B, D) -> y (B, D), updated conv and
+        ssm states."""
         if state is None:
             state = self.init_state(x.size(0), device=x.device, dtype=x.dtype)
         z, xbc, dt_raw = torch.split(self.in_proj(x), [self.d_inner, self.conv_dim, self.nheads], dim=-1)

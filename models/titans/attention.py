@@ -5,7 +5,7 @@ exactly ``window - 1`` keys. Short calls (decoding, T <= 2 * window) use one SDP
 explicit mask; longer calls go block by block through ``models/attention/window.py`` with the
 persistent keys as an always-visible prefix, so memory stays O(T * window) at long context.
 
-* Persistent memory (spec 2.5): ``n_persistent`` learned key/value pairs per head, prepended to
+* Persistent memory (Titans paper section 4): ``n_persistent`` learned key/value pairs per head, prepended to
   every query's context and always visible, without RoPE (they have no position). This is
   lucidrains' cheaper variant of prepending learned tokens to the sequence.
 * RoPE on queries/keys with positions counted from each document start (the carried counter

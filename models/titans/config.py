@@ -14,7 +14,7 @@ class MemoryUpdateConfig:
     T/C/G/L, ATLAS X/D) shares. ``TitansConfig`` (the config section) and ``MemorySpec`` (what one
     layer is built from) both derive from it, so the list exists once.
 
-    Stability (spec 2.8): a write is one step of (mini-batch) gradient descent on
+    Stability: a write is one step of (mini-batch) gradient descent on
     ``||M(k) - v||^2`` with l2-normalised keys. Within a chunk every token's gradient is taken at the
     chunk-start weights and the b steps add up, so the effective step on a direction the keys share
     is about ``2 theta b / (1 - eta)``; at the old defaults (theta 0.5, b 16, eta 0.5) that is ~32,

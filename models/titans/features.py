@@ -1,8 +1,8 @@
-"""Polynomial feature map of keys/queries (ATLAS, spec 3.3): more keys per memory dimension.
+"""Polynomial feature map of keys/queries (ATLAS paper): more keys per memory dimension.
 
 Learnable coefficients ``c_i`` on the degree-i blocks, initialised to ``c_i = sqrt(1/i!)`` so that
 ``phi(q) . phi(k) = sum_i c_i^2 (q . k)^i`` starts as the degree-p Taylor series of ``exp(q . k)``.
-Two layouts of the degree-i block, both with that same kernel (spec 3.8.4):
+Two layouts of the degree-i block, both with that same kernel:
 
 * ``"tensor"``: the self-tensor power ``x^(x)i`` (the paper's form), dimension ``d^i``; the
   whole map has ``1 + d + ... + d^p`` features.

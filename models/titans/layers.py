@@ -3,8 +3,8 @@
 MAC (``C``) lives in ``mac.py``. Each layer is one residual block of the stack; state is one
 flat ``dict[str, Tensor]`` with the sub-layer's keys prefixed (``mem.``, ``attn.``).
 
-* MAG (spec 2.5): ``o = W_o( RMSNorm_a(SWA(x)) * sigmoid(RMSNorm_b(LMM(x))) )``, the spec's
-  concrete gate with an output projection. Persistent memory enters the attention branch only
+* MAG (Titans paper section 4): ``o = W_o( RMSNorm_a(SWA(x)) * sigmoid(RMSNorm_b(LMM(x))) )``, the
+  paper's gate with normalised branches and an output projection. Persistent memory enters the attention branch only
   (as learned KV); the memory runs over x itself so that segments/documents compose exactly.
 * MAL: the memory, then sliding-window attention, as two residual sub-blocks inside one layer:
   ``m = LMM(x); o = m + SWA(RMSNorm(x + m))`` (the stack adds x, giving x + m + SWA(...)).

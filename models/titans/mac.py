@@ -1,4 +1,4 @@
-"""Titans memory-as-context (MAC), layer letter ``C`` (spec 2.5).
+"""Titans memory-as-context (MAC), layer letter ``C`` (Titans paper section 4).
 
 Per segment of ``segment_len`` tokens (segments restart at every document, see ``streams.py``):
 
@@ -7,8 +7,9 @@ Per segment of ``segment_len`` tokens (segments restart at every document, see `
     m   = LMM(y)                                    # write the segment's attention output, read after write
     o   = W_o( RMSNorm_a(y) * sigmoid(RMSNorm_b(m)) )
 
-Causality (spec 2.5 caveat, option (a)): segment token i sees the persistent KV, ``h_j`` and
-``x_j`` only for j <= i (h_j and x_j share RoPE position j). The memory's write path has no short
+Causality (the paper is silent; h_j is read with token j's query, so an earlier token must not
+see it): segment token i sees the persistent KV, ``h_j`` and ``x_j`` only for j <= i (h_j and x_j
+share RoPE position j). The memory's write path has no short
 convolution (``y`` is already contextualised by attention; keeps segment streams exact), no Omega
 window and no polynomial map. ``m`` uses the exact per-token read-after-write of the kernel; the
 chunk size must divide the segment length so the chunk grid follows the segment grid.

@@ -1,6 +1,6 @@
 """The neural long-term memory layer (Titans LMM; with ATLAS options), layer letter ``T``.
 
-Per head h and token t (spec 2.2, 2.6):
+Per head h and token t (Titans paper sections 3.1 and 4.4):
 
     q, k, v  = SiLU(causal depthwise conv_4(x W_{q,k,v}))     ; q, k l2-normalised per head
     q, k    <- phi_p(q), phi_p(k)                             ; ATLAS polynomial features (optional)

@@ -76,7 +76,7 @@ def test_polynomial_map_kernel_identity() -> None:
 
 @pytest.mark.parametrize("degree", [2, 3])
 def test_polynomial_monomial_form_same_kernel(degree: int) -> None:
-    """The monomial layout has the tensor form's kernel sum_i c_i^2 (q.k)^i (spec 3.8.4) with
+    """The monomial layout has the tensor form's kernel sum_i c_i^2 (q.k)^i with
     C(d+p, p) features instead of 1 + d + ... + d^p, also for learned (non-Taylor) coefficients."""
     d = 5
     tensor, mono = PolynomialFeatures(d, degree).double(), PolynomialFeatures(d, degree, "monomial").double()

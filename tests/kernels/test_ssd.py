@@ -1,6 +1,6 @@
 """Chunked SSD against its sequential oracle: outputs, final states, documents, gradients.
 
-fp64 cases must agree to 1e-6 (observed ~1e-15); fp32 to 1e-4 relative (spec 01 §1.9): the
+fp64 cases must agree to 1e-6 (observed ~1e-15); fp32 to 1e-4 relative: the
 chunked form sums the decays in a different order, so fp32 rounding differs by ~1e-6.
 """
 import pytest

@@ -108,11 +108,11 @@ def test_zero_learning_rate_never_changes_memory(chunk: int, ns_steps: int) -> N
 @pytest.mark.parametrize("decay", [False, True], ids=["alpha0", "alpha"])
 @pytest.mark.parametrize("chunk", [1, 4], ids=lambda b: f"b{b}")
 def test_zero_learning_rate_with_incoming_momentum(chunk: int, decay: bool, ns_steps: int) -> None:
-    """theta = 0 with a nonzero carried momentum S_0 and random eta (and alpha), per the spec's rules.
+    """theta = 0 with a nonzero carried momentum S_0 and random eta (and alpha), per the update rules.
 
-    Plain momentum (spec 2.2: S_t = eta S_{t-1} - theta g, W_t = (1 - alpha) W_{t-1} + S_t): the
+    Plain momentum (Titans: S_t = eta S_{t-1} - theta g, W_t = (1 - alpha) W_{t-1} + S_t): the
     gradients never enter, but the carried momentum keeps moving W: S_t = eta_t S_{t-1},
-    W_t = (1 - alpha_t) W_{t-1} + S_t. Muon (spec 3.5: W_t = (1 - alpha) W_{t-1} + theta NS(S_t)):
+    W_t = (1 - alpha_t) W_{t-1} + S_t. Muon (ATLAS: W_t = (1 - alpha) W_{t-1} + theta NS(S_t)):
     W only decays, W_t = (1 - alpha_t) W_{t-1} (never changes when alpha = 0), while the momentum
     keeps gathering gradients at the chunk-start weights, S_t = eta_t S_{t-1} - u_t.
     """

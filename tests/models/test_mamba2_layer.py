@@ -1,4 +1,4 @@
-"""Mamba-2 layer properties (spec 01 §1.9): two halves, decode == prefill, document isolation, init."""
+"""Mamba-2 layer properties: two halves, decode == prefill, document isolation, init."""
 
 import pytest
 import torch

@@ -91,7 +91,7 @@ def test_causal(letter: str) -> None:
 
 
 def test_atlas_window1_equals_titans() -> None:
-    """ATLAS with c=1, no polynomial map, plain momentum is the Titans layer (spec 3.8.1). With
+    """ATLAS with c=1, no polynomial map, plain momentum is the Titans layer. With
     c = 1 X builds the same MemorySpec as T, so this checks the config plumbing only; the window
     machinery (c > 1) is checked by the two tests below."""
     cfg = small_config()
@@ -237,7 +237,7 @@ def test_deep_transformer_has_its_own_config() -> None:
 @pytest.mark.parametrize("chunk", [1, 4], ids=lambda b: f"b{b}")
 @pytest.mark.parametrize("form", ["tensor", "monomial"])
 def test_linear_deep_transformer_is_unnormalised_kernel_attention(chunk: int, form: str) -> None:
-    """D with a linear memory (L_M = 1) is unnormalised kernel attention (spec 3.3), in fp64:
+    """D with a linear memory (L_M = 1) is unnormalised kernel attention, in fp64:
     the Hebbian loss -<W phi(k), v> has gradient -v phi(k)^T whatever W is, and with no momentum
     and no decay W_t = W_0 + sum_{i<=t} theta_i v_i phi(k_i)^T, so
 
