@@ -14,6 +14,11 @@ Layer pattern letters (one residual block each, pre-norm):
 
 So ``"M-M-A-"`` is three blocks of (mixer, MLP): two Mamba-2 and one attention, the same
 convention as Megatron's hybrid pattern and NemotronH (which write attention as ``*``).
+
+``|`` marks where pipeline stages split the stack (``"M-M-|A-A-"``: two stages of four blocks), as
+in Megatron's hybrid pattern. It is not a layer: the model ignores it (``block_pattern`` is the
+pattern without it, block ``i`` is ``block_pattern[i]``); the trainer reads it when
+``parallel.pipeline_parallel > 1`` (train/pipeline.py).
 """
 from __future__ import annotations
 
@@ -24,6 +29,10 @@ from hybrid_lm.models.atlas.config import AtlasConfig
 from hybrid_lm.models.common.registry import layer_specs
 from hybrid_lm.models.titans.config import TitansConfig
 from hybrid_lm.typed_config import InvalidValue, require_at_least, require_positive
+
+
+#: separates pipeline stages in ``layer_pattern``; not a layer
+STAGE_MARK = "|"
 
 
 class ModelConfigError(InvalidValue):
@@ -104,7 +113,7 @@ class ModelConfig:
     vocab_size: int = 258
     d_model: int = 256
     layer_pattern: str = "M-M-A-"
-    """one letter per residual block; see the module docstring"""
+    """one letter per residual block, ``|`` between pipeline stages; see the module docstring"""
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -120,8 +129,13 @@ class ModelConfig:
         self.validate()
 
     @property
+    def block_pattern(self) -> str:
+        """``layer_pattern`` without the pipeline-stage marks ``|``: one letter per block."""
+        return self.layer_pattern.replace(STAGE_MARK, "")
+
+    @property
     def n_blocks(self) -> int:
-        return len(self.layer_pattern)
+        return len(self.block_pattern)
 
     def _fail(self, field_name: str, message: str) -> NoReturn:
         raise ModelConfigError(field_name, message, section="ModelConfig")
@@ -139,11 +153,14 @@ class ModelConfig:
                 getattr(self, name).validate()
             except InvalidValue as exc:
                 self._fail(f"{name}.{exc.key}", exc.problem)
-        if not self.layer_pattern:
-            self._fail("layer_pattern", "is empty")
+        if not self.block_pattern:
+            self._fail("layer_pattern", "is empty" if not self.layer_pattern else f"{self.layer_pattern!r} has no layers")
+        if STAGE_MARK * 2 in self.layer_pattern or STAGE_MARK in (self.layer_pattern[0], self.layer_pattern[-1]):
+            self._fail("layer_pattern", f"{self.layer_pattern!r} has an empty pipeline stage (every '|' must "
+                                        "stand between two layers)")
         specs = layer_specs()
         for i, ch in enumerate(self.layer_pattern):
-            if ch not in specs:
+            if ch not in specs and ch != STAGE_MARK:
                 known = ", ".join(f"{s.letter!r}={s.name}" for s in specs.values())
                 self._fail("layer_pattern", f"unknown letter {ch!r} at position {i} of {self.layer_pattern!r} (known: {known})")
         att = self.attention
@@ -164,7 +181,7 @@ class ModelConfig:
             if nheads % m.ngroups:
                 self._fail("mamba2.ngroups", f"{m.ngroups} does not divide the {nheads} SSM heads")
         try:
-            self.titans.validate_for_model(self.d_model, self.layer_pattern)
+            self.titans.validate_for_model(self.d_model, self.block_pattern)
         except InvalidValue as exc:
             self._fail(f"titans.{exc.key}", exc.problem)
 

@@ -38,7 +38,7 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
-        self.letter = config.layer_pattern[layer_index]
+        self.letter = config.block_pattern[layer_index]
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.layer: Layer = get_layer_spec(self.letter).build(config, layer_index)
 

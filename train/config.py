@@ -21,6 +21,7 @@ from hybrid_lm.train.checkpoint.manager import CheckpointConfig
 from hybrid_lm.train.evaluation import EvalConfig, resolve_hooks
 from hybrid_lm.train.optim import OptimConfig
 from hybrid_lm.train.parallelize import ParallelConfig
+from hybrid_lm.train.pipeline import check_pipeline
 from hybrid_lm.train.schedules import ScheduleConfig, build_lr_schedule
 from hybrid_lm.train.tensor_parallel import check_tensor_parallel
 from hybrid_lm.typed_config import ConfigError, apply_overrides, from_dict, load_file, to_dict
@@ -99,6 +100,7 @@ class JobConfig:
     def validate(self) -> None:
         """The rules that span sections; each section has checked its own values already."""
         build_lr_schedule(self.schedule, self.train.steps, self.optim.lr)  # warm-up etc. against train.steps
+        check_pipeline(self.model, self.parallel.pipeline_parallel)  # the pattern can make the stages
         tp = self.parallel.tensor_parallel
         check_tensor_parallel(self.model, tp)  # heads, groups, MLP width, vocab: each family's requirements
         if tp > 1:

@@ -76,6 +76,11 @@ def _train_step(engine: Engine, batches, state: TrainerState, guard: NanGuard, s
 def build_engine(model: nn.Module, cfg: JobConfig, info: D.DistInfo) -> Engine:
     """The engine ``cfg.parallel`` asks for, around ``model`` (which holds its initial weights)."""
     par = cfg.parallel
+    if par.pipeline_parallel > 1:
+        from hybrid_lm.train.pipeline_engine import PipelineEngine
+
+        return PipelineEngine(model, par, cfg.optim, micro_batch_size=cfg.data.micro_batch_size,
+                              seq_len=cfg.data.seq_len, grad_clip=cfg.train.grad_clip, device=info.device)
     optimizer = build_optimizer(model, cfg.optim)
     ds_engine = parallelize(model, optimizer, par, micro_batch_size=cfg.data.micro_batch_size,
                             world_size=info.world_size, grad_clip=cfg.train.grad_clip, device=info.device)
@@ -105,6 +110,7 @@ def _train(cfg: JobConfig, info: D.DistInfo, make_loader: Optional[LoaderFactory
     model = build_model(cfg.model, seed=cfg.train.seed, init_from=cfg.train.init_from, resuming=resume_from is not None)
     train_flops = 3.0 * model.flops_per_token(cfg.data.seq_len)  # the whole model's, whatever the engine keeps
     engine = build_engine(model, cfg, info)
+    del model  # the engine holds what this rank trains; a pipeline stage frees the other stages' layers
     loader = make_loader("train", engine.data_rank, engine.data_size)
     state, rng = TrainerState(), None
     if resume_from is not None:

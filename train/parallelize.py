@@ -2,20 +2,22 @@
 
 Models in ``models/`` are single-device code; data parallelism with ZeRO (stage 0-3), mixed
 precision, gradient accumulation, clipping and CPU offload are applied here from outside, the
-way torchtitan's ``parallelize_*`` functions apply FSDP/TP. Nothing else in the tree imports
-DeepSpeed except ``distributed.py`` (process group) and ``checkpoint/`` (its save/load and
-consolidation tools).
+way torchtitan's ``parallelize_*`` functions apply FSDP/TP. The loop and the checkpoint manager
+see the result through the engine interface (train/engine.py: ``ZeroEngine``, ``PipelineEngine``).
+Nothing else in the tree imports DeepSpeed except ``distributed.py`` (process group),
+``checkpoint/`` (its save/load and consolidation tools) and the pipeline (``pipeline.py``,
+``pipeline_engine.py``: DeepSpeed's PipelineModule, which is wrapped here like a plain model).
 
-The data-parallel degree is the world size (no PP yet; tensor parallelism is split off by
-``tensor_parallel.apply_tensor_parallel`` before this wrapper, and not yet wired into the loop),
-and ``ParallelConfig.validate`` says so in words rather than letting DeepSpeed fail on a
+The data-parallel degree is the world size divided by ``pipeline_parallel`` (tensor parallelism is
+split off by ``tensor_parallel.apply_tensor_parallel`` before this wrapper, and not yet wired into
+the loop), and ``ParallelConfig`` says so in words rather than letting DeepSpeed fail on a
 batch-size assertion.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import torch
 from torch import nn
@@ -38,6 +40,13 @@ class ParallelConfig:
     tensor_parallel: int = 1
     """ranks that split each layer by heads / hidden units (megatron-core layout, ``train/tensor_parallel.py``);
     the model's head counts, vocab and MLP width must be divisible by it (checked at config load)"""
+    pipeline_parallel: int = 1
+    """pipeline stages (DeepSpeed's pipeline engine, ``train/pipeline_engine.py``): the layer pattern is
+    cut at its ``|`` marks, else balanced by FLOPs per token; ZeRO 0-1 only"""
+    pipeline_micro_batches: Optional[int] = None
+    """micro-batches each pipeline runs per optimizer step with ``pipeline_parallel > 1`` (more fill
+    the pipeline better: the idle bubble is (stages-1)/(micro-batches+stages-1) of a step); None means
+    ``gradient_accumulation``"""
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -50,6 +59,36 @@ class ParallelConfig:
             raise ConfigError(f"parallel.timeout_s: must be > 0, got {self.timeout_s}")
         if self.tensor_parallel < 1:
             raise ConfigError(f"parallel.tensor_parallel: must be >= 1, got {self.tensor_parallel}")
+        self._check_pipeline()
+
+    def _check_pipeline(self) -> None:
+        pp, micro = self.pipeline_parallel, self.pipeline_micro_batches
+        if pp < 1:
+            raise ConfigError(f"parallel.pipeline_parallel: must be >= 1, got {pp}")
+        if micro is not None:
+            if micro < 1:
+                raise ConfigError(f"parallel.pipeline_micro_batches: must be >= 1 or null, got {micro}")
+            if pp == 1:
+                raise ConfigError("parallel.pipeline_micro_batches: needs parallel.pipeline_parallel > 1 "
+                                  "(without a pipeline, micro-batches per step are parallel.gradient_accumulation)")
+            if self.gradient_accumulation > 1:
+                raise ConfigError("parallel.pipeline_micro_batches: both it and parallel.gradient_accumulation "
+                                  "count micro-batches per step; set only one")
+        if pp == 1:
+            return
+        if self.zero_stage >= 2:
+            raise ConfigError(f"parallel.zero_stage: {self.zero_stage} shards gradients, which DeepSpeed's pipeline "
+                              f"engine cannot do (parallel.pipeline_parallel={pp}); use zero_stage 0 or 1")
+        if self.cpu_offload:
+            raise ConfigError(f"parallel.cpu_offload: not supported with parallel.pipeline_parallel={pp}")
+        if self.tensor_parallel > 1:
+            raise ConfigError(f"parallel.pipeline_parallel: {pp} cannot be combined with parallel.tensor_parallel="
+                              f"{self.tensor_parallel} yet")
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per optimizer step on each rank (each pipeline with ``pipeline_parallel > 1``)."""
+        return self.pipeline_micro_batches or self.gradient_accumulation
 
     def resolved_dtype(self, device: torch.device) -> str:
         if self.dtype != "auto":
@@ -68,8 +107,8 @@ def deepspeed_config(cfg: ParallelConfig, *, micro_batch_size: int, world_size: 
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation,
-        "train_batch_size": micro_batch_size * cfg.gradient_accumulation * world_size,
+        "gradient_accumulation_steps": cfg.micro_batches,
+        "train_batch_size": micro_batch_size * cfg.micro_batches * world_size,
         "gradient_clipping": grad_clip,
         "bf16": {"enabled": cfg.resolved_dtype(device) == "bf16"},
         "zero_optimization": zero,
