@@ -45,7 +45,10 @@ def our_loglikelihood(model: HybridLM, context: str, continuation: str) -> tuple
 def test_lm_eval_scores_equal_our_model(tmp_path, case):
     src, model = save_tiny(tmp_path, case)
     out = export_checkpoint(src, tmp_path / "hf")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    # a user's shell has no rendezvous: drop what an in-process training run in this pytest worker
+    # left behind (LOCAL_RANK without RANK makes accelerate inside lm_eval refuse to start)
+    launch_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {**{k: v for k, v in os.environ.items() if k not in launch_vars}, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(tmp_path / "datasets"), "HF_MODULES_CACHE": str(tmp_path / "modules"),
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "lm_eval", "--model", "hf",
