@@ -101,13 +101,8 @@ class JobConfig:
         """The rules that span sections; each section has checked its own values already."""
         build_lr_schedule(self.schedule, self.train.steps, self.optim.lr)  # warm-up etc. against train.steps
         check_pipeline(self.model, self.parallel.pipeline_parallel)  # the pattern can make the stages
-        tp = self.parallel.tensor_parallel
-        check_tensor_parallel(self.model, tp)  # heads, groups, MLP width, vocab: each family's requirements
-        if tp > 1:
-            # the split model exists (train/tensor_parallel.py), but the loop still gives every rank
-            # its own data and DeepSpeed all ranks as data parallel: refuse rather than train wrongly
-            raise ConfigError(f"parallel.tensor_parallel: {tp} is not supported by the training loop yet "
-                              "(issue 10: the loader and DeepSpeed need the data-parallel groups); use 1")
+        # heads, groups, MLP width, vocab: each family's requirements
+        check_tensor_parallel(self.model, self.parallel.tensor_parallel)
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -40,6 +40,7 @@ from hybrid_lm.train.parallelize import parallelize
 from hybrid_lm.train.run_lock import exclusive_run
 from hybrid_lm.train.schedules import build_lr_schedule
 from hybrid_lm.train.zero_engine import ZeroEngine
+from hybrid_lm.typed_config import ConfigError
 
 
 @dataclass
@@ -81,10 +82,25 @@ def build_engine(model: nn.Module, cfg: JobConfig, info: D.DistInfo) -> Engine:
 
         return PipelineEngine(model, par, cfg.optim, micro_batch_size=cfg.data.micro_batch_size,
                               seq_len=cfg.data.seq_len, grad_clip=cfg.train.grad_clip, device=info.device)
+    groups, mpu, data_parallel = None, None, info.world_size
+    if par.tensor_parallel > 1:
+        from hybrid_lm.train.process_groups import DeepSpeedMPU, init_process_groups
+        from hybrid_lm.train.tensor_parallel import apply_tensor_parallel
+
+        try:
+            groups = init_process_groups(par.tensor_parallel, timeout_s=par.timeout_s)
+        except ValueError as exc:  # a world size the degree does not divide: the launch, not the code
+            raise ConfigError(str(exc)) from exc
+        # every rank built the same seeded full model: cutting it gives the 1-process start exactly;
+        # before the optimizer, which must hold the shards, not the full parameters
+        apply_tensor_parallel(model, groups)
+        mpu, data_parallel = DeepSpeedMPU(groups), groups.dp_size
+        if info.is_main:
+            print(f"[tensor-parallel] {groups.tp_size} tensor parallel x {groups.dp_size} data parallel", flush=True)
     optimizer = build_optimizer(model, cfg.optim)
     ds_engine = parallelize(model, optimizer, par, micro_batch_size=cfg.data.micro_batch_size,
-                            world_size=info.world_size, grad_clip=cfg.train.grad_clip, device=info.device)
-    return ZeroEngine(ds_engine, optimizer, micro_batches=par.gradient_accumulation, device=info.device)
+                            world_size=data_parallel, grad_clip=cfg.train.grad_clip, device=info.device, mpu=mpu)
+    return ZeroEngine(ds_engine, optimizer, micro_batches=par.gradient_accumulation, device=info.device, groups=groups)
 
 
 def _periodic_eval_due(cfg: EvalConfig, step: int) -> bool:

@@ -8,10 +8,10 @@ Nothing else in the tree imports DeepSpeed except ``distributed.py`` (process gr
 ``checkpoint/`` (its save/load and consolidation tools) and the pipeline (``pipeline.py``,
 ``pipeline_engine.py``: DeepSpeed's PipelineModule, which is wrapped here like a plain model).
 
-The data-parallel degree is the world size divided by ``pipeline_parallel`` (tensor parallelism is
-split off by ``tensor_parallel.apply_tensor_parallel`` before this wrapper, and not yet wired into
-the loop), and ``ParallelConfig`` says so in words rather than letting DeepSpeed fail on a
-batch-size assertion.
+The data-parallel degree is the world size divided by ``pipeline_parallel`` or by
+``tensor_parallel`` (the model split by ``tensor_parallel.apply_tensor_parallel`` before this
+wrapper, DeepSpeed given megatron's groups as ``mpu``: ``loop.build_engine``), and
+``ParallelConfig`` says so in words rather than letting DeepSpeed fail on a batch-size assertion.
 """
 from __future__ import annotations
 
@@ -60,6 +60,19 @@ class ParallelConfig:
         if self.tensor_parallel < 1:
             raise ConfigError(f"parallel.tensor_parallel: must be >= 1, got {self.tensor_parallel}")
         self._check_pipeline()
+        self._check_tensor_parallel()
+
+    def _check_tensor_parallel(self) -> None:
+        tp = self.tensor_parallel
+        if tp == 1:
+            return
+        # only what the tests train at TP > 1 (ZeRO 0-2 through DeepSpeed's mpu); ZeRO-3 would gather
+        # the shards as if they were partitions of one replicated model, offload is untested
+        if self.zero_stage == 3:
+            raise ConfigError(f"parallel.zero_stage: 3 cannot be combined with parallel.tensor_parallel={tp} "
+                              "(use zero_stage 0, 1 or 2)")
+        if self.cpu_offload:
+            raise ConfigError(f"parallel.cpu_offload: not supported with parallel.tensor_parallel={tp}")
 
     def _check_pipeline(self) -> None:
         pp, micro = self.pipeline_parallel, self.pipeline_micro_batches

@@ -58,14 +58,28 @@ class DeepSpeedFiles:
 
 
 class ZeroEngine(DeepSpeedFiles):
-    """Data parallel over every rank; ``module`` is DeepSpeed's (under ZeRO-3, partitioned) model."""
+    """Data parallel over every rank; ``module`` is DeepSpeed's (under ZeRO-3, partitioned) model.
 
-    def __init__(self, ds_engine: Any, optimizer: SkippableAdamW, *, micro_batches: int, device: torch.device) -> None:
+    With ``groups`` (``process_groups.ParallelGroups``, the model split by
+    ``tensor_parallel.apply_tensor_parallel`` and DeepSpeed given them as ``mpu``) the data
+    parallelism is over ``groups.dp_group``: the ranks of one TP group read the same data shard,
+    compute the same (gathered) loss, and only TP rank 0 reports it, so the loop's all-reduce counts
+    each data-parallel replica's losses and tokens once."""
+
+    def __init__(self, ds_engine: Any, optimizer: SkippableAdamW, *, micro_batches: int, device: torch.device,
+                 groups: Any = None) -> None:
         self._ds, self.optimizer, self.device = ds_engine, optimizer, device
         self.module = ds_engine.module
         self.micro_batches = micro_batches
-        self.data_rank, self.data_size = D.dist.get_rank(), D.dist.get_world_size()
-        self.checkpoint_layout = {}
+        tp = groups.tp_size if groups is not None else 1
+        self._tp_group = groups.tp_group if tp > 1 else None
+        self._reports = groups is None or groups.tp_rank == 0
+        if tp > 1:
+            self.data_rank, self.data_size = groups.dp_rank, groups.dp_size
+            self.checkpoint_layout = {"tensor_parallel": tp}
+        else:
+            self.data_rank, self.data_size = D.dist.get_rank(), D.dist.get_world_size()
+            self.checkpoint_layout = {}
         # ZeRO-0 in fp32 clips with a norm it then discards; measure it ourselves when asked
         self._own_norm = not reports_grad_norm(ds_engine)
 
@@ -80,12 +94,13 @@ class ZeroEngine(DeepSpeedFiles):
             if nan_loss:
                 loss = loss * float("nan")
             self._ds.backward(loss)
-            stats.add(loss.detach().float().item(), ids.numel())
+            if self._reports:
+                stats.add(loss.detach().float().item(), ids.numel())
         return stats
 
     def step(self, skip: bool, *, grad_norm: bool = False) -> Optional[float]:
         # at ZeRO-0 the boundary's backward has reduced the gradients, so the local norm is the global one
-        norm = local_grad_norm(self.module) if grad_norm and self._own_norm else None
+        norm = local_grad_norm(self.module, self._tp_group) if grad_norm and self._own_norm else None
         # ZeRO may drop the update on its own (non-finite gradient norm); skipping is then a no-op
         with self.optimizer.skipping(skip):
             self._ds.step()

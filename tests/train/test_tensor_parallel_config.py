@@ -16,7 +16,7 @@ from hybrid_lm.models.config import ModelConfig
 from hybrid_lm.models.hybrid import HybridLM
 from hybrid_lm.train.config import load_job_config
 from hybrid_lm.train.tensor_parallel import apply_tensor_parallel, shard, unshard
-from hybrid_lm.typed_config import ConfigError, from_dict
+from hybrid_lm.typed_config import from_dict
 
 DEBUG = Path(__file__).resolve().parents[2] / "configs" / "debug.yaml"  # M-A-, d_model 64, vocab 258
 
@@ -38,6 +38,12 @@ REFUSED = [
     (["parallel.tensor_parallel=2", "model.vocab_size=264", "model.layer_pattern=X-", "model.titans.n_heads=1"],
      "model.titans.n_heads: 1 is not divisible by parallel.tensor_parallel=2"),
     (["parallel.tensor_parallel=0"], "parallel.tensor_parallel: must be >= 1, got 0"),
+    (["parallel.tensor_parallel=2", "model.mamba2.ngroups=2", "parallel.zero_stage=3"],
+     "parallel.zero_stage: 3 cannot be combined with parallel.tensor_parallel=2 (use zero_stage 0, 1 or 2)"),
+    (["parallel.tensor_parallel=2", "model.mamba2.ngroups=2", "parallel.zero_stage=1", "parallel.cpu_offload=true"],
+     "parallel.cpu_offload: not supported with parallel.tensor_parallel=2"),
+    (["parallel.tensor_parallel=2", "model.mamba2.ngroups=2", "parallel.pipeline_parallel=2"],
+     "parallel.pipeline_parallel: 2 cannot be combined with parallel.tensor_parallel=2 yet"),
 ]
 
 
@@ -61,10 +67,11 @@ def test_degree_the_model_cannot_split_is_refused_at_load(overrides, message, ca
     assert err.strip() == f"hybrid-lm train: config error: {message}", err
 
 
-def test_a_splittable_degree_is_refused_until_the_loop_supports_it(no_worker):
-    """The shapes pass; the training loop does not split data and DeepSpeed groups by TP yet."""
-    with pytest.raises(ConfigError, match=r"^parallel\.tensor_parallel: 2 is not supported by the training loop yet"):
-        load_job_config(DEBUG, ["parallel.tensor_parallel=2", "model.mamba2.ngroups=2"])
+def test_a_splittable_degree_loads():
+    """The shapes pass, and the loop trains it (tests/train/test_tensor_parallel_training.py)."""
+    for zero in (0, 1, 2):
+        cfg = load_job_config(DEBUG, ["parallel.tensor_parallel=2", "model.mamba2.ngroups=2", f"parallel.zero_stage={zero}"])
+        assert cfg.parallel.tensor_parallel == 2
     assert load_job_config(DEBUG).parallel.tensor_parallel == 1
 
 

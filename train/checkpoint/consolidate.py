@@ -5,7 +5,9 @@ own consolidation (``zero_to_fp32``) for stages 1-3 and the engine's module file
 how partitions are laid out is DeepSpeed's business, not ours. A pipeline-parallel checkpoint
 (``layout.pipeline_parallel`` in its marker) is read from DeepSpeed's per-layer module files and
 renamed to the model's names (train/pipeline.py): the weights the model computed with, which
-in bf16 training are the bf16 copies (the fp32 masters live in the optimizer files). The returned
+in bf16 training are the bf16 copies (the fp32 masters live in the optimizer files). A
+tensor-parallel one (``layout.tensor_parallel``) is read from each TP rank's module file and every
+split parameter re-assembled with the families' plans (``tensor_parallel.unshard``), the same way. The returned
 model config has no pipeline-stage marks (``|``): it describes the model, not the training layout.
 The checkpoint's sha256 marker is verified first, so a corrupted file fails here with its name
 rather than as a confusing shape error downstream. Every file is then read weights-only
@@ -65,6 +67,29 @@ def _pipeline_state_dict(ds_dir: Path, model_config: ModelConfig) -> dict[str, t
     return out
 
 
+def _tensor_parallel_state_dict(ds_dir: Path, model_config: ModelConfig, tp: int) -> dict[str, torch.Tensor]:
+    """The full weights from the module files of the ``tp`` tensor-parallel ranks (``mp_rank_XX``):
+    each split parameter re-assembled by the plan that cut it, the replicated ones from rank 0."""
+    from types import SimpleNamespace
+
+    from hybrid_lm.models.hybrid import HybridLM
+    from hybrid_lm.train.tensor_parallel import apply_tensor_parallel, unshard
+
+    files = [ds_dir / f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise layout.CheckpointError(f"{ds_dir}: tensor_parallel={tp} checkpoint lacks {', '.join(missing)}")
+    # the plans say how each parameter was cut; applying them to a model on the meta device (no
+    # memory, no collective: the group is only stored) recovers that per name, tied names included
+    with torch.device("meta"):
+        skeleton = apply_tensor_parallel(HybridLM(model_config), SimpleNamespace(tp_size=tp, tp_rank=0, tp_group=None))
+    splits = {name: p._tp_split for name, p in skeleton.named_parameters(remove_duplicate=False)
+              if getattr(p, "_tp_split", None) is not None}
+    parts = [dict(torch.load(f, map_location="cpu", weights_only=True)["module"]) for f in files]
+    return {name: unshard([part[name] for part in parts], splits[name]) if name in splits else tensor
+            for name, tensor in parts[0].items()}
+
+
 def load_model_state(path: Path) -> LoadedModel:
     """Weights and configs of a run dir (its newest complete checkpoint) or a checkpoint dir."""
     from hybrid_lm.models.config import ModelConfig
@@ -76,8 +101,13 @@ def load_model_state(path: Path) -> LoadedModel:
     model_config = dataclasses.replace(model_config, layer_pattern=model_config.block_pattern)
     safe_load.check(ckpt / DS_TAG)
     with safe_load.weights_only_loads(ckpt / DS_TAG):
+        tp = int(meta.get("layout", {}).get("tensor_parallel", 1))
         if meta.get("layout", {}).get("pipeline_parallel", 1) > 1:
             raw = _pipeline_state_dict(ckpt / DS_TAG, model_config)
+        elif tp > 1:
+            # DeepSpeed's module files hold each TP rank's shards at every ZeRO stage TP allows
+            # (0-2): the weights the model computes with, as for a pipeline (module docstring)
+            raw = _tensor_parallel_state_dict(ckpt / DS_TAG, model_config, tp)
         elif int(meta.get("zero_stage", 0)) == 0:
             raw = _stage0_state_dict(ckpt / DS_TAG)
         else:
