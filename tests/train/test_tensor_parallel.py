@@ -14,7 +14,9 @@ update differences of up to lr-size fractions.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,6 +104,10 @@ def _worker(rank: int, world_size: int, cases: dict) -> dict:
         except Exception:  # noqa: BLE001 - reported per case by the parametrised test
             results[pattern] = {"error": traceback.format_exc()}
     results["deepspeed"] = _deepspeed_runs(rank, world_size, groups, cases["M-A-"], [0, 2])
+    try:
+        results["comm"] = _comm_volume(groups)
+    except Exception:  # noqa: BLE001 - reported by its test
+        results["comm"] = {"error": traceback.format_exc()}
     return results
 
 
@@ -185,3 +191,39 @@ def test_tp2_deepspeed_steps_equal_one_process(tp2_results, stage):
         for name, want in ref["weights"].items():
             torch.testing.assert_close(torch.from_numpy(got["weights"][name]), torch.from_numpy(want),
                                        rtol=1e-4, atol=1e-5, msg=lambda m: f"rank {rank} {name}: {m}")
+
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_tensor_parallel.py"
+COMM_SHAPES = dict(d_model=D, vocab=V, batch=B, seq=T, layers=2, steps=0, heads=4)
+
+
+def _comm_volume(groups) -> dict:
+    """bench/bench_tensor_parallel.py's count of one forward + backward of an ``AA`` model, and its
+    formula (run in this spawn: a spawn of its own would cost more than the whole check)."""
+    spec = importlib.util.spec_from_file_location("bench_tensor_parallel", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from hybrid_lm.models.hybrid import HybridLM
+    from hybrid_lm.train.tensor_parallel import apply_tensor_parallel
+
+    torch.manual_seed(0)
+    full = HybridLM(bench.model_config("A", COMM_SHAPES))
+    split = apply_tensor_parallel(copy.deepcopy(full), groups)
+    measured, calls = bench.measure_comm(split, bench.batch(COMM_SHAPES, torch.device("cpu")))
+    formula = {o: bench.formula_bytes_per_token(o, full, COMM_SHAPES, groups.tp_size, 4) for o in ("A", "stack")}
+    return {"measured": measured, "calls": calls, "formula": formula}
+
+
+def test_tp2_communication_volume_equals_bench_formula(tp2_results):
+    """Attention: o_proj's forward all-reduce plus one backward all-reduce for each of q/k/v
+    (4 b d per token per layer, b = 4 bytes); stack: embedding and head-input all-reduces plus
+    the all-gathered logits (2 b d + b V). A plan or mapping change that adds or drops a collective
+    shows here, not only in a benchmark nobody reruns."""
+    tokens, layers = B * T, COMM_SHAPES["layers"]
+    for rank, results in enumerate(tp2_results):
+        res = results["comm"]
+        assert "error" not in res, f"rank {rank}:\n{res.get('error')}"
+        assert set(res["measured"]) == {"A", "stack"}, f"rank {rank}: collectives outside a layer: {res['measured']}"
+        assert res["calls"] == {"A": 4 * layers, "stack": 3}, rank
+        assert res["measured"]["A"] / (tokens * layers) == res["formula"]["A"] == 4 * 4 * D
+        assert res["measured"]["stack"] / tokens == res["formula"]["stack"] == 4 * (2 * D + V)
