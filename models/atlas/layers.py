@@ -46,7 +46,7 @@ def atlas_spec(config: "ModelConfig") -> MemorySpec:
     if a.optimizer not in ("muon", "momentum"):
         raise ValueError(f"ModelConfig.atlas.optimizer: 'muon' or 'momentum', got {a.optimizer!r}")
     return memory_spec(config, omega_window=a.omega_window, poly_degree=a.poly_degree, poly_form=a.poly_form,
-                       ns_steps=a.ns_steps if a.optimizer == "muon" else 0)
+                       ns_steps=a.ns_steps if a.optimizer == "muon" else 0, theta_max=a.theta_max)
 
 
 def deep_transformer_spec(config: "ModelConfig") -> MemorySpec:

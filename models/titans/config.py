@@ -33,14 +33,16 @@ class MemoryUpdateConfig:
     """tokens per parallel chunk (gradients taken at the memory the chunk started with)"""
     conv_size: int = 4
     """depthwise causal conv on q/k/v (kernel 4 per Miras/ATLAS); 0 disables"""
-    theta_max: float = 1.0
-    """bound of the inner learning rate, theta_t = theta_max * sigmoid(.) (lucidrains' module
-    default). It sets how strongly one token writes; stability comes from ``max_grad_norm``, not
-    from a small theta: at theta_max 0.1 (lucidrains' train_mac value) the memory stayed finite but
-    wrote too weakly to learn associative recall (0.10 accuracy against 0.45 at 1.0 with the clamp,
-    tests/models/test_titans_learning.py). We keep the paper's summed squared error rather than
-    titans-pytorch's mean over the value dim: our keys are l2-normalised, so the per-token
-    curvature is 2 at any head width, and a mean would shrink the step by the head dim"""
+    theta_max: float = 0.2
+    """bound of the inner learning rate, theta_t = theta_max * sigmoid(.); ATLAS ``X`` has its own
+    (``atlas.theta_max``). Chosen by measurement, between two failures. Larger steps make the inner
+    loop unstable: the clamp below keeps the state bounded, but the outer gradient explodes with
+    the chunks (total gradient norm of tiny.yaml ``M-C-M-A-`` at 512 tokens at init: 14.6 at 0.2,
+    81 at 0.3, 8.8e3 at 1.0, against 9.9 for ``M-M-A-``; at 1.0 that run hit NaN within 30-50
+    steps). Smaller steps write too weakly to learn associative recall (0.10 accuracy at 0.1
+    against 0.45 at 1.0, tests/models/test_titans_learning.py). We keep the paper's summed squared
+    error rather than titans-pytorch's mean over the value dim: our keys are l2-normalised, so the
+    per-token curvature is 2 at any head width, and a mean would shrink the step by the head dim"""
     theta_bias_init: float = 0.0
     """initial bias of the learning-rate gate: theta = theta_max / 2 at init"""
     momentum_bias_init: float = 0.0

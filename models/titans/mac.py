@@ -4,7 +4,7 @@ Per segment of ``segment_len`` tokens (segments restart at every document, see `
 
     h   = W_h M*_{before}(l2norm(W_r x_seg))       # read with the memory as it was before the segment
     y   = Attn([P || h || x_seg])  at the x positions  # full causal attention inside the segment
-    m   = LMM(y)                                    # write the segment's attention output, read after write
+    m   = LMM(RMSNorm_w(y))                         # write the segment's attention output, read after write
     o   = W_o( RMSNorm_a(y) * sigmoid(RMSNorm_b(m)) )
 
 Causality (the paper is silent; h_j is read with token j's query, so an earlier token must not
@@ -56,6 +56,11 @@ class MemoryAsContext(Layer):
         self.read_q = nn.Linear(d, self.h * self.dh, bias=False)
         self.read_out = nn.Linear(self.h * self.dh, d, bias=False)
         self.attn = SlidingWindowAttention(d, t.n_heads, self.seg, t.n_persistent, t.rope_base)
+        # the memory writes the attention output y, whose scale at init is that of a residual
+        # projection (~1e-3): its l2-normalised keys and queries would amplify gradients by
+        # 1/|y| (outer grad norm ~4.5e4 at init, NaN within 30 steps of tiny.yaml at 512 tokens);
+        # a pre-norm gives the memory unit-scale input, as every other memory layer gets
+        self.norm_write = nn.RMSNorm(d, eps=config.norm_eps)
         self.norm_attn = nn.RMSNorm(d, eps=config.norm_eps)
         self.norm_mem = nn.RMSNorm(d, eps=config.norm_eps)
         self.out_proj = nn.Linear(d, d, bias=False)
@@ -130,7 +135,8 @@ class MemoryAsContext(Layer):
                 mask = torch.cat([mask.new_ones(n, C, a.persistent.n), mask], dim=2)
             att = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask[:, None])
             y = a.o_proj(att.transpose(1, 2).reshape(n, C, -1))  # -1: the local heads under TP
-            inputs, _ = self.memory.project(y, self.memory.init_state(n, device=x.device, dtype=x.dtype), None)
+            yn = self.norm_write(y)
+            inputs, _ = self.memory.project(yn, self.memory.init_state(n, device=x.device, dtype=x.dtype), None)
             fold = {name: t.transpose(1, 2).flatten(0, 1) for name, t in inputs.items()}
             m, w, s, seg_anchors = chunked_memory_update(
                 w, s, anc, fold["k"], fold["v"], fold["gamma"], fold["q"], fold["theta"], fold["eta"], fold["alpha"],
@@ -138,7 +144,7 @@ class MemoryAsContext(Layer):
                 residual=self.memory.residual, max_grad_norm=self.memory.spec.max_grad_norm,
             )
             anc = w
-            m_out = self.memory.output(m.view(n, H, C, dh).transpose(1, 2).to(x.dtype), y)
+            m_out = self.memory.output(m.view(n, H, C, dh).transpose(1, 2).to(x.dtype), yn)
             outs.append(self.out_proj(self.norm_attn(y) * torch.sigmoid(self.norm_mem(m_out))))
             anchors.extend(seg_anchors)
             snaps.append((read, k, v))

@@ -96,6 +96,7 @@ def test_atlas_window1_equals_titans() -> None:
     machinery (c > 1) is checked by the two tests below."""
     cfg = small_config()
     cfg.atlas.omega_window, cfg.atlas.poly_degree, cfg.atlas.optimizer = 1, 0, "momentum"
+    cfg.atlas.theta_max = cfg.titans.theta_max  # X has its own step bound; equal here
     torch.manual_seed(0)
     titans = get_layer_spec("T").build(cfg, 0).to(DT)
     atlas = get_layer_spec("X").build(cfg, 0).to(DT)
@@ -109,6 +110,7 @@ def _titans_and_atlas(window: int, seed: int = 0) -> tuple:
     the same weights; X's extra gamma gate rows are forced to gamma = 1 for every token."""
     cfg = small_config()
     cfg.atlas.omega_window, cfg.atlas.poly_degree, cfg.atlas.optimizer = window, 0, "momentum"
+    cfg.atlas.theta_max = cfg.titans.theta_max  # X has its own step bound; equal here
     torch.manual_seed(seed)
     titans = get_layer_spec("T").build(cfg, 0).to(DT)
     atlas = get_layer_spec("X").build(cfg, 0).to(DT)
