@@ -36,6 +36,11 @@ def real_text(length: int, offset: int = 0) -> torch.Tensor:
     return torch.tensor(list(data[offset : offset + length]), dtype=torch.long)
 
 
+def next_token_labels(ids: torch.Tensor) -> torch.Tensor:
+    """Labels as the loader gives them: the next token, -100 after the last."""
+    return torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+
+
 def test_every_mixer_letter_is_covered() -> None:
     assert set(MEMORY_LETTERS) <= set(MIXERS) and {"A", "M"} <= set(MIXERS)
 
@@ -47,8 +52,7 @@ def test_defaults_finite_forward_backward_2048_tokens(letter: str, d_model: int)
     torch.manual_seed(0)
     model = HybridLM(ModelConfig(vocab_size=258, d_model=d_model, layer_pattern=f"{letter}-"))
     ids = torch.stack([torch.randint(0, 256, (SEQ,)), real_text(SEQ)])
-    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)  # next token, as the loader gives
-    loss = model(ids, labels=labels).loss
+    loss = model(ids, labels=next_token_labels(ids)).loss
     assert torch.isfinite(loss), (letter, d_model, loss)
     # near the uniform-prediction loss at init: a layer that has blown up but stayed finite is off
     assert abs(loss.item() - math.log(258)) < 1.0, loss.item()
@@ -125,8 +129,7 @@ def test_memory_state_bounded_over_16k_token_stream(letter: str) -> None:
 def _grad_norm_at_init(pattern: str, ids: torch.Tensor) -> float:
     torch.manual_seed(0)
     model = HybridLM(ModelConfig(vocab_size=258, d_model=192, layer_pattern=pattern))
-    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
-    model(ids, labels=labels).loss.backward()
+    model(ids, labels=next_token_labels(ids)).loss.backward()
     return math.sqrt(sum(p.grad.square().sum().item() for p in model.parameters() if p.grad is not None))
 
 
