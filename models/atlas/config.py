@@ -60,7 +60,7 @@ class AtlasConfig:
     """inner optimiser: Newton-Schulz-orthogonalised momentum (``muon``, the paper's ATLAS) or plain
     momentum (the paper's "w/o Muon" ablation). Plain momentum is the default because Muon is not
     linear, so every token's weights are materialised: about 14 |W| floats per token and head
-    (models/titans/README.md), ~100 GB of activations for 2,048 tokens of one 128-wide layer,
+    (models/titans/README.md), by that estimate ~100 GB of activations for 2,048 tokens of one 128-wide layer,
     against ~35x less for the closed-form momentum read. The paper's own ablation (Table 6) gives
     no perplexity cost for dropping Muon (19.65 without vs 19.97 with). Muon's update is
     orthogonalised, so its writes are bounded by construction; plain momentum relies on
