@@ -1,13 +1,19 @@
-"""The tensor- and data-parallel process groups, made by megatron-core's ``parallel_state``.
+"""The tensor-, context-, pipeline- and data-parallel process groups, made by megatron-core's
+``parallel_state``.
 
     info = distributed.init_distributed()               # the default group (torchrun or 1 rank)
-    groups = process_groups.init_process_groups(tensor_parallel=2)
-    groups.tp_group, groups.tp_rank, groups.dp_group, ...
+    groups = process_groups.init_process_groups(tensor_parallel=2, context_parallel=1, pipeline_parallel=1)
+    groups.tp_group, groups.tp_rank, groups.cp_group, groups.pp_rank, groups.dp_group, ...
 
 Megatron's layout (order ``tp-cp-ep-dp-pp``) puts the tensor-parallel ranks innermost: with 4
 ranks and TP=2, ranks {0, 1} and {2, 3} each hold one copy of the model split in two, and {0, 2},
 {1, 3} are the data-parallel groups. So a TP group stays on one node, where its per-layer
-all-reduces are cheapest. Pipeline and context parallelism stay 1 for now.
+all-reduces are cheapest; context-parallel ranks come next, pipeline stages outermost.
+
+Gradients are averaged over ``dp_cp_group`` (data x context parallel): the ranks of a CP group hold
+the same weights and each computed a part of the sequence's gradient (Megatron's
+``get_data_parallel_group(with_context_parallel=True)``); ``dp_group`` alone is the replica count
+the data loader splits by.
 
 megatron-core keeps the groups in module globals; its tensor-parallel mappings and
 ``vocab_parallel_cross_entropy`` read them; DeepSpeed gets them through ``DeepSpeedMPU``.
@@ -40,25 +46,47 @@ class ParallelGroups:
     dp_group: Any
     dp_rank: int
     dp_size: int
+    cp_group: Any = None
+    cp_rank: int = 0
+    cp_size: int = 1
+    pp_group: Any = None
+    pp_rank: int = 0
+    pp_size: int = 1
+    dp_cp_group: Any = None
+    """data x context parallel: the group gradients are averaged over (``dp_group`` when CP is 1)"""
+
+    @property
+    def grad_group(self) -> Any:
+        return self.dp_cp_group if self.dp_cp_group is not None else self.dp_group
 
 
-def init_process_groups(tensor_parallel: int = 1, *, timeout_s: float = 600.0) -> ParallelGroups:
-    """Create the groups for ``tensor_parallel`` x (world / tensor_parallel) data parallel; call
-    after ``distributed.init_distributed()`` on every rank. Idempotent for the same degree."""
+def _degrees(ps: Any) -> tuple[int, int, int]:
+    return (ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size(),
+            ps.get_pipeline_model_parallel_world_size())
+
+
+def init_process_groups(tensor_parallel: int = 1, *, context_parallel: int = 1, pipeline_parallel: int = 1,
+                        timeout_s: float = 600.0) -> ParallelGroups:
+    """Create the groups for TP x CP x PP x (the rest) data parallel; call after
+    ``distributed.init_distributed()`` on every rank. Idempotent for the same degrees."""
     if not dist.is_initialized():
         raise RuntimeError("init_process_groups: torch.distributed is not initialised (call init_distributed first)")
     world = dist.get_world_size()
-    if tensor_parallel < 1 or world % tensor_parallel:
-        raise ValueError(f"parallel.tensor_parallel={tensor_parallel} does not divide the world size {world} "
-                         f"(launch a multiple of {tensor_parallel} processes)")
+    model_ranks = tensor_parallel * context_parallel * pipeline_parallel
+    if min(tensor_parallel, context_parallel, pipeline_parallel) < 1 or world % model_ranks:
+        raise ValueError(f"parallel.tensor_parallel={tensor_parallel} x parallel.context_parallel={context_parallel} x "
+                         f"parallel.pipeline_parallel={pipeline_parallel} = {model_ranks} does not divide the world "
+                         f"size {world} (launch a multiple of {model_ranks} processes)")
     ps = parallel_state()
+    wanted = (tensor_parallel, context_parallel, pipeline_parallel)
     if ps.model_parallel_is_initialized():
-        if ps.get_tensor_model_parallel_world_size() != tensor_parallel:
-            raise RuntimeError(f"process groups exist for tensor_parallel={ps.get_tensor_model_parallel_world_size()}, "
-                               f"asked for {tensor_parallel}; call destroy_process_groups() first")
+        if _degrees(ps) != wanted:
+            raise RuntimeError(f"process groups exist for (tensor, context, pipeline) parallel = {_degrees(ps)}, "
+                               f"asked for {wanted}; call destroy_process_groups() first")
     else:
         ps.initialize_model_parallel(
-            tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=1, context_parallel_size=1,
+            tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel,
+            context_parallel_size=context_parallel,
             distributed_timeout_minutes=max(1, round(timeout_s / 60)),
             # Megatron's extra gloo copies of the DP groups serve its own distributed optimizer only
             create_gloo_process_groups=False,
@@ -75,6 +103,10 @@ def current_groups() -> ParallelGroups:
         tp_group=ps.get_tensor_model_parallel_group(), tp_rank=ps.get_tensor_model_parallel_rank(),
         tp_size=ps.get_tensor_model_parallel_world_size(), dp_group=ps.get_data_parallel_group(),
         dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+        cp_group=ps.get_context_parallel_group(), cp_rank=ps.get_context_parallel_rank(),
+        cp_size=ps.get_context_parallel_world_size(), pp_group=ps.get_pipeline_model_parallel_group(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(), pp_size=ps.get_pipeline_model_parallel_world_size(),
+        dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
     )
 
 
