@@ -88,7 +88,31 @@ class Mamba2Config:
     """auto uses mamba_ssm's kernels when installed and on CUDA, else the PyTorch chunked SSD"""
 
     def validate(self) -> None:
-        require_at_least(self, 1, "d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size")
+    dt_mult: float = 1.0
+    """state-collapse knob (Stuffed Mamba): dt <- dt·dt_mult, in the forward and the decode step;
+    > 1 forgets faster and writes more. 1 leaves the layer bitwise unchanged"""
+    a_mult: float = 1.0
+    """state-collapse knob: A <- A·a_mult (> 1: stronger decay, shorter memory)"""
+    decay_mult: float = 1.0
+    """state-collapse knob: every decay a_t <- a_t·decay_mult, in (0, 1] (< 1: the state forgets
+    at least that much per token, whatever dt is)"""
+    b_mult: float = 1.0
+    """state-collapse knob: B <- B·b_mult (< 1: weaker writes)"""
+    state_norm_max: Optional[float] = None
+    """state normalisation: rescale each head's SSM state to Frobenius norm <= this after every
+    decode step and at every chunk boundary of the forward (None: off)"""
+    state_window: Optional[int] = None
+    """windowed state: outputs read only the last this-many tokens' writes, by the exact identity
+    S_t - (prod a)·S_{t-r} (costs one more scan; whole-sequence forward only, decoding re-runs the
+    forward; not with state_norm_max). None: off"""
+        require_at_least(self, 1, "d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "state_window")
+        require_positive(self, "dt_mult", "a_mult", "decay_mult", "state_norm_max")
+        require_at_least(self, 0, "b_mult")
+        if not self.decay_mult <= 1.0:  # a decay above 1 makes the state grow without bound
+            raise InvalidValue("decay_mult", f"must be in (0, 1], got {self.decay_mult}")
+        if self.state_window is not None and self.state_norm_max is not None:
+            raise InvalidValue("state_window", "cannot be combined with state_norm_max (the window's identity "
+                                               "needs the unnormalised linear recurrence)")
         require_positive(self, "dt_min")
         if not self.dt_max >= self.dt_min:
             raise InvalidValue("dt_max", f"must be >= dt_min={self.dt_min}, got {self.dt_max}")

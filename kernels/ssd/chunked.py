@@ -176,6 +176,28 @@ class _StatePassing(torch.autograd.Function):
         return grad[:, 1:], d_decay, grad[:, 0] if ctx.has_s0 else None
 
 
+def clamp_state_norm(state: torch.Tensor, tau: float, dims: tuple[int, ...]) -> torch.Tensor:
+    """state · min(1, tau / |state|), the Frobenius norm taken over ``dims`` (one head's P x N)."""
+    norm = torch.linalg.vector_norm(state, dim=dims, keepdim=True)
+    return state * (tau / norm.clamp_min(tau))
+
+
+def _state_passing_normed(states: torch.Tensor, decay: torch.Tensor, s0: Optional[torch.Tensor],
+                          tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_StatePassing`` with the state's norm clamped to tau after every chunk (state normalisation).
+
+    Shapes as ``_StatePassing``: states (B, c, G, N, R, P), decay (B, c, G, R). Plain autograd over a
+    loop of c steps: an inference knob (and a rare training one), so not worth a hand-written backward.
+    """
+    batch, nchunks, groups, dstate, rep, hdim = states.shape
+    s = states.new_zeros(batch, groups, dstate, rep, hdim) if s0 is None else s0
+    entering = []
+    for i in range(nchunks):
+        entering.append(s)
+        s = clamp_state_norm(decay[:, i, :, None, :, None] * s + states[:, i], tau, dims=(2, 4))
+    return torch.stack(entering, dim=1), s
+
+
 def ssd_chunked(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -187,6 +209,9 @@ def ssd_chunked(
     initial_state: Optional[torch.Tensor] = None,
     doc_ids: Optional[torch.Tensor] = None,
     return_final_state: bool = False,
+    log_decay_bias: Optional[torch.Tensor] = None,
+    state_norm_max: Optional[float] = None,
+    window: Optional[int] = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Chunked SSD scan.
 
@@ -202,9 +227,23 @@ def ssd_chunked(
             the row's first document only.
         doc_ids: (B, L) ids; wherever the id changes between t-1 and t the state restarts at zero.
         return_final_state: also return the state after the last token, (B, H, P, N) fp32/fp64.
+        log_decay_bias: (H,) added to every log decay dt·A (<= 0): every decay a_t is multiplied
+            by exp(bias), the Stuffed Mamba ``decay_mult`` knob. None: nothing added.
+        state_norm_max: tau; the carried state of each head is rescaled at every chunk boundary
+            to Frobenius norm <= tau (S <- S·min(1, tau/|S|)); with chunk_size 1 that is after every
+            token, as the decode step does. None: no rescaling.
+        window: r; every output reads the windowed state S_t - (prod of a over t-r+1..t)·S_{t-r},
+            which holds only the last r tokens' writes (README.md, Long context). The initial
+            state counts as written at position -1. The returned final state stays the full one.
+            Not combinable with ``state_norm_max`` (the identity needs a linear recurrence).
     Returns:
         y (B, L, H, P) in x's dtype [, final_state].
     """
+    if window is not None:
+        if state_norm_max is not None:
+            raise ValueError("ssd_chunked: window and state_norm_max cannot be combined")
+        return _windowed(x, dt, A, B, C, chunk_size, D, initial_state, doc_ids, return_final_state,
+                         log_decay_bias, window)
     batch, length, heads, hdim = x.shape
     groups, dstate = B.shape[2], B.shape[3]
     rep = heads // groups
@@ -215,6 +254,8 @@ def ssd_chunked(
 
     xw, dtw = x.to(work), dt.to(work)
     dA = dtw * A.to(work)  # (B, L, H) log decays, <= 0
+    if log_decay_bias is not None:
+        dA = dA + log_decay_bias.to(work)
     xp, dtp = xw, dtw
     Bw, Cw = B.to(work), C.to(work)
     seg = segment_index(doc_ids) if doc_ids is not None else None
@@ -268,9 +309,13 @@ def ssd_chunked(
     s0 = None
     if initial_state is not None:
         s0 = initial_state.to(work).reshape(batch, groups, rep, hdim, dstate).permute(0, 1, 4, 2, 3).contiguous()
-    entering, final_state = _StatePassing.apply(
-        chunk_states.view(batch, nchunks, groups, dstate, rep, hdim),
-        chunk_decay, s0)  # (B, c, G, N, R, P), (B, G, N, R, P)
+    if state_norm_max is None:
+        entering, final_state = _StatePassing.apply(
+            chunk_states.view(batch, nchunks, groups, dstate, rep, hdim),
+            chunk_decay, s0)  # (B, c, G, N, R, P), (B, G, N, R, P)
+    else:
+        entering, final_state = _state_passing_normed(
+            chunk_states.view(batch, nchunks, groups, dstate, rep, hdim), chunk_decay, s0, state_norm_max)
 
     # 4. Entering state -> outputs, decayed to each position, plus the diagonal blocks.
     from_start = exp_flushed(Acum)  # (B, c, G, R, Q)
@@ -287,3 +332,49 @@ def ssd_chunked(
     if return_final_state:
         return y, final_state.permute(0, 1, 3, 4, 2).reshape(batch, heads, hdim, dstate)
     return y
+
+
+def _windowed(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int,
+              D: Optional[torch.Tensor], initial_state: Optional[torch.Tensor], doc_ids: Optional[torch.Tensor],
+              return_final_state: bool, log_decay_bias: Optional[torch.Tensor],
+              r: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``ssd_chunked`` with a window of r tokens, by the state-difference identity.
+
+    y_t = C_t·S_t - g_t · C_t·S_{t-r} with g_t = prod_{j=t-r+1..t} a_j. The second term is a scan
+    whose query at s is C_{s+r} (outputs are linear in C), so it costs one more chunked scan over
+    L - r tokens: no per-position states are ever stored. Where a document starts inside
+    (t-r, t], S_t already holds only that document's tokens, all within the window: g_t = 0.
+    """
+    batch, length, heads, _ = x.shape
+    out = ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state, doc_ids=doc_ids,
+                      return_final_state=return_final_state, log_decay_bias=log_decay_bias)
+    y, final = out if return_final_state else (out, None)
+    if r >= length + 1 or (r == length and initial_state is None):
+        return (y, final) if return_final_state else y
+    work = torch.promote_types(x.dtype, torch.float32)
+    rep = heads // B.shape[2]
+    dA = dt.to(torch.float64) * A.to(torch.float64)
+    if log_decay_bias is not None:
+        dA = dA + log_decay_bias.to(torch.float64)
+    cum = F.pad(dA.cumsum(dim=1), (0, 0, 1, 0))  # (B, L+1, H); cum[:, t+1] = sum_{j<=t} dA_j
+    t = torch.arange(r - 1, length, device=x.device)  # positions with a state r steps back (S_{-1} = S_0)
+    gain = (cum[:, t + 1] - cum[:, t + 1 - r]).exp()  # (B, n, H)
+    if doc_ids is not None:
+        seg = segment_index(doc_ids)
+        gain = gain * (seg[:, t] == seg[:, (t - r).clamp_min(0)]).to(gain.dtype)[..., None]
+    gain = gain.to(work)
+    lagged = []  # (B, n, H, P): C_t·S_{t-r}
+    if r - 1 < length:
+        if initial_state is not None:
+            c0 = C[:, r - 1].to(work).repeat_interleave(rep, dim=1)  # (B, H, N)
+            lagged.append(torch.einsum("bhpn,bhn->bhp", initial_state.to(work), c0)[:, None])
+        else:
+            lagged.append(y.new_zeros(batch, 1, heads, x.shape[3], dtype=work))
+    if length > r:
+        n = length - r
+        lagged.append(ssd_chunked(x[:, :n], dt[:, :n], A, B[:, :n], C[:, r:], chunk_size, initial_state=initial_state,
+                                  doc_ids=None if doc_ids is None else doc_ids[:, :n],
+                                  log_decay_bias=log_decay_bias).to(work))
+    correction = gain[..., None] * torch.cat(lagged, dim=1)
+    y = torch.cat([y[:, :r - 1], (y[:, r - 1:].to(work) - correction).to(y.dtype)], dim=1)
+    return (y, final) if return_final_state else y

@@ -25,6 +25,12 @@ def build_mamba2(config: ModelConfig, layer_index: int) -> Mamba2:
         norm_before_gate=m.norm_before_gate,
         norm_eps=config.norm_eps,
         backend=m.backend,
+        dt_mult=m.dt_mult,
+        a_mult=m.a_mult,
+        decay_mult=m.decay_mult,
+        b_mult=m.b_mult,
+        state_norm_max=m.state_norm_max,
+        state_window=m.state_window,
     )
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid_lm.kernels.ssd.chunked import ssd_chunked
+from hybrid_lm.kernels.ssd.chunked import clamp_state_norm, ssd_chunked
 from hybrid_lm.models.common.mixer import Layer, State, linear_flops
 from hybrid_lm.models.mamba2 import backends
 from hybrid_lm.models.mamba2.conv import causal_conv, conv_step, final_conv_state
@@ -50,6 +50,12 @@ class Mamba2(Layer):
         norm_before_gate: bool = False,
         norm_eps: float = 1e-5,
         backend: str = "auto",
+        dt_mult: float = 1.0,
+        a_mult: float = 1.0,
+        decay_mult: float = 1.0,
+        b_mult: float = 1.0,
+        state_norm_max: Optional[float] = None,
+        state_window: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
@@ -60,6 +66,10 @@ class Mamba2(Layer):
         self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
         self.A_init_range = A_init_range
         self.backend = backend
+        # Stuffed Mamba's state-collapse knobs (kernels/ssd/README.md, Long context); plain attributes so an
+        # evaluation can switch them on a trained model. Neutral values leave the layer bitwise as is.
+        self.dt_mult, self.a_mult, self.decay_mult, self.b_mult = dt_mult, a_mult, decay_mult, b_mult
+        self.state_norm_max, self.state_window = state_norm_max, state_window
 
         self.in_proj = nn.Linear(d_model, self.d_inner + self.conv_dim + self.nheads, bias=bias)
         self.conv1d = nn.Conv1d(
@@ -136,11 +146,11 @@ class Mamba2(Layer):
             xbc = F.silu(xbc)
         xs, bm, cm = self._split_xbc(xbc)
         work = torch.promote_types(x.dtype, torch.float32)
-        dt = F.softplus(dt_raw.to(work) + self.dt_bias.to(work))  # (B, L, H), fp32 at least
-        A = -torch.exp(self.A_log.to(work))
+        dt, A, bm = self._gates(dt_raw, bm, work)
         ssm_state = None if state is None else state["ssm"]
+        plain = self.decay_mult == 1.0 and self.state_norm_max is None and self.state_window is None
 
-        if backends.use_mamba_kernels(x, self.backend):  # pragma: no cover - CUDA
+        if plain and backends.use_mamba_kernels(x, self.backend):  # pragma: no cover - CUDA
             seq_idx = None if doc_ids is None else backends.seq_idx_from_doc_ids(doc_ids)
             out = backends.mamba_chunk_scan_combined(
                 xs, dt, A, bm, cm, self.chunk_size, D=self.D.float(), initial_states=ssm_state,
@@ -149,7 +159,8 @@ class Mamba2(Layer):
         else:
             out = ssd_chunked(
                 xs, dt, A, bm, cm, self.chunk_size, D=self.D, initial_state=ssm_state,
-                doc_ids=doc_ids, return_final_state=return_state,
+                doc_ids=doc_ids, return_final_state=return_state, log_decay_bias=self._log_decay_bias(work, A.device),
+                state_norm_max=self.state_norm_max, window=self.state_window,
             )
         y, final = (out if return_state else (out, None))
         y = self.norm(y.reshape(batch, length, self.d_inner), z)
@@ -158,9 +169,38 @@ class Mamba2(Layer):
             return y, None
         return y, {"conv": new_conv, "ssm": final}
 
+    def _gates(self, dt_raw: torch.Tensor, bm: torch.Tensor, work: torch.dtype
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """dt (softplus'ed, times dt_mult), A (times a_mult) and B (times b_mult) in ``work`` dtype
+        for dt; one place for the chunked and the step path, so the knobs act alike in both."""
+        dt = F.softplus(dt_raw.to(work) + self.dt_bias.to(work))  # fp32 at least
+        A = -torch.exp(self.A_log.to(work))
+        if self.dt_mult != 1.0:
+            dt = dt * self.dt_mult
+        if self.a_mult != 1.0:
+            A = A * self.a_mult
+        if self.b_mult != 1.0:
+            bm = bm * self.b_mult
+        return dt, A, bm
+
+    def _log_decay_bias(self, work: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
+        """log(decay_mult) per head (H,), or None when the decays are left alone."""
+        if self.decay_mult == 1.0:
+            return None
+        return torch.full((self.nheads,), math.log(self.decay_mult), dtype=work, device=device)
+
+    @property
+    def forward_only_decode(self) -> bool:
+        """True when ``step`` cannot reproduce the forward (the windowed state needs S_{t-r}, which a
+        decode state does not keep): decode by re-running the forward instead."""
+        return self.state_window is not None
+
     def step(self, x: torch.Tensor, state: Optional[State]) -> tuple[torch.Tensor, Optional[State]]:
         """Decode one token (as mamba_ssm's ``Mamba2.step``): u (B, D) -> y (B, D), updated conv and
         ssm states."""
+        if self.state_window is not None:
+            raise NotImplementedError("Mamba2.step: mamba2.state_window applies to the whole-sequence forward only "
+                                      "(decode by re-running the forward, as evaluation's greedy_continuation does)")
         if state is None:
             state = self.init_state(x.size(0), device=x.device, dtype=x.dtype)
         z, xbc, dt_raw = torch.split(self.in_proj(x), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
@@ -168,13 +208,21 @@ class Mamba2(Layer):
         xs, bm, cm = self._split_xbc(F.silu(xbc))  # (B, H, P), (B, G, N), (B, G, N)
         rep = self.nheads // self.ngroups
         work = torch.promote_types(x.dtype, torch.float32)  # fp32 state even under bf16
+        dt, A, bm = self._gates(dt_raw, bm, work)  # (B, H), (H,), (B, G, N)
         bh = bm.to(work).repeat_interleave(rep, dim=1)  # (B, H, N)
         ch = cm.to(work).repeat_interleave(rep, dim=1)
-        dt = F.softplus(dt_raw.to(work) + self.dt_bias.to(work))  # (B, H)
-        dA = torch.exp(dt * -torch.exp(self.A_log.to(work)))
+        log_decay = dt * A
+        bias = self._log_decay_bias(work, x.device)
+        if bias is not None:
+            log_decay = log_decay + bias
+        dA = torch.exp(log_decay)
         xf = xs.to(work)
         ssm = state["ssm"].to(work) * dA[..., None, None] + (dt[..., None] * xf)[..., None] * bh[:, :, None, :]
         y = torch.einsum("bhpn,bhn->bhp", ssm, ch) + self.D.to(work)[:, None] * xf
+        if self.state_norm_max is not None:
+            # the carried state is rescaled after the token's output is read, as the chunked form
+            # rescales the state it carries over a chunk boundary (equal at chunk_size 1)
+            ssm = clamp_state_norm(ssm, self.state_norm_max, dims=(-2, -1))
         y = self.norm(y.reshape(x.size(0), self.d_inner).to(x.dtype), z)
         return self.out_proj(y), {"conv": conv, "ssm": ssm}
 
@@ -189,5 +237,9 @@ class Mamba2(Layer):
         return proj + conv + scan
 
     def extra_repr(self) -> str:
+        knobs = {k: getattr(self, k) for k in ("dt_mult", "a_mult", "decay_mult", "b_mult")}
+        extra = "".join(f", {k}={v}" for k, v in knobs.items() if v != 1.0)
+        extra += "".join(f", {k}={getattr(self, k)}" for k in ("state_norm_max", "state_window")
+                         if getattr(self, k) is not None)
         return (f"heads={self.nheads}, headdim={self.headdim}, d_state={self.d_state}, "
-                f"ngroups={self.ngroups}, chunk={self.chunk_size}")
+                f"ngroups={self.ngroups}, chunk={self.chunk_size}{extra}")
