@@ -86,8 +86,6 @@ class Mamba2Config:
     norm_before_gate: bool = False
     backend: Literal["auto", "torch", "mamba_ssm"] = "auto"
     """auto uses mamba_ssm's kernels when installed and on CUDA, else the PyTorch chunked SSD"""
-
-    def validate(self) -> None:
     dt_mult: float = 1.0
     """state-collapse knob (Stuffed Mamba): dt <- dt·dt_mult, in the forward and the decode step;
     > 1 forgets faster and writes more. 1 leaves the layer bitwise unchanged"""
@@ -105,6 +103,8 @@ class Mamba2Config:
     """windowed state: outputs read only the last this-many tokens' writes, by the exact identity
     S_t - (prod a)·S_{t-r} (costs one more scan; whole-sequence forward only, decoding re-runs the
     forward; not with state_norm_max). None: off"""
+
+    def validate(self) -> None:
         require_at_least(self, 1, "d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "state_window")
         require_positive(self, "dt_mult", "a_mult", "decay_mult", "state_norm_max")
         require_at_least(self, 0, "b_mult")
