@@ -77,30 +77,39 @@ def _train_step(engine: Engine, batches, state: TrainerState, guard: NanGuard, s
 def build_engine(model: nn.Module, cfg: JobConfig, info: D.DistInfo) -> Engine:
     """The engine ``cfg.parallel`` asks for, around ``model`` (which holds its initial weights)."""
     par = cfg.parallel
-    if par.pipeline_parallel > 1:
-        from hybrid_lm.train.pipeline_engine import PipelineEngine
-
-        return PipelineEngine(model, par, cfg.optim, micro_batch_size=cfg.data.micro_batch_size,
-                              seq_len=cfg.data.seq_len, grad_clip=cfg.train.grad_clip, device=info.device)
     groups, mpu, data_parallel = None, None, info.world_size
     if par.tensor_parallel > 1:
         from hybrid_lm.train.process_groups import DeepSpeedMPU, init_process_groups
         from hybrid_lm.train.tensor_parallel import apply_tensor_parallel
 
         try:
-            groups = init_process_groups(par.tensor_parallel, timeout_s=par.timeout_s)
+            groups = init_process_groups(par.tensor_parallel, pipeline_parallel=par.pipeline_parallel,
+                                         timeout_s=par.timeout_s)
         except ValueError as exc:  # a world size the degree does not divide: the launch, not the code
             raise ConfigError(str(exc)) from exc
         # every rank built the same seeded full model: cutting it gives the 1-process start exactly;
-        # before the optimizer, which must hold the shards, not the full parameters
+        # before the optimizer, which must hold the shards, not the full parameters (and before a
+        # pipeline keeps its stage: every layer is cut alike, the other stages' then freed)
         apply_tensor_parallel(model, groups)
         mpu, data_parallel = DeepSpeedMPU(groups), groups.dp_size
-        if info.is_main:
+        if info.is_main and par.pipeline_parallel == 1:
             print(f"[tensor-parallel] {groups.tp_size} tensor parallel x {groups.dp_size} data parallel", flush=True)
+    if par.pipeline_parallel > 1:
+        from hybrid_lm.train.pipeline_engine import PipelineEngine
+
+        return PipelineEngine(model, par, cfg.optim, micro_batch_size=cfg.data.micro_batch_size,
+                              seq_len=cfg.data.seq_len, grad_clip=cfg.train.grad_clip, device=info.device,
+                              groups=groups)
+    loss = None
+    if groups is not None:  # the training loss from the vocabulary-sharded logits, never the gathered ones
+        from hybrid_lm.train.tensor_parallel import VocabParallelLoss
+
+        loss = VocabParallelLoss(model)
     optimizer = build_optimizer(model, cfg.optim)
     ds_engine = parallelize(model, optimizer, par, micro_batch_size=cfg.data.micro_batch_size,
                             world_size=data_parallel, grad_clip=cfg.train.grad_clip, device=info.device, mpu=mpu)
-    return ZeroEngine(ds_engine, optimizer, micro_batches=par.gradient_accumulation, device=info.device, groups=groups)
+    return ZeroEngine(ds_engine, optimizer, micro_batches=par.gradient_accumulation, device=info.device, groups=groups,
+                      loss=loss)
 
 
 def _periodic_eval_due(cfg: EvalConfig, step: int) -> bool:

@@ -153,8 +153,15 @@ class HeadLayer(nn.Module):
 
 
 def tied_head(embedding: EmbedLayer, x: torch.Tensor) -> torch.Tensor:
-    """The LM head tied to the embedding (the same op as ``HybridLM``'s ``lm_head`` sharing the weight)."""
-    return F.linear(x, embedding.embed.weight)
+    """The LM head tied to the embedding (the same op as ``HybridLM``'s ``lm_head`` sharing the weight).
+    A vocab-parallel embedding (tensor parallelism) holds this rank's vocabulary rows: the head is
+    then the vocab-parallel head over them, logits gathered to the full vocabulary."""
+    group = getattr(embedding.embed, "tp_group", None)
+    if group is None:
+        return F.linear(x, embedding.embed.weight)
+    from hybrid_lm.train.tensor_parallel import vocab_parallel_logits
+
+    return vocab_parallel_logits(x, embedding.embed.weight, group)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

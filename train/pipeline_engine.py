@@ -3,11 +3,14 @@
     hybrid-lm train configs/debug.yaml --nproc-per-node 2 parallel.pipeline_parallel=2
     hybrid-lm train CONFIG --nproc-per-node 4 parallel.pipeline_parallel=2 parallel.pipeline_micro_batches=8
 
-Ranks form ``pipeline_parallel`` stages x (world / pipeline_parallel) data-parallel pipelines, with
-the stage outermost: rank = stage * dp + data rank (DeepSpeed's ``PipeDataParallelTopology``;
-megatron-core's default order ``tp-cp-ep-dp-pp`` gives the same ranks at TP = CP = 1). The stack is
-cut as train/pipeline.py says. Ranks of one pipeline read the same data shard (``data_rank``);
-the first stage feeds the token ids, the last the labels.
+Ranks form ``pipeline_parallel`` stages x data-parallel pipelines x ``tensor_parallel`` ranks per
+stage, the stage outermost, the tensor-parallel rank innermost: rank = (stage * dp + data rank) *
+tp + tp rank (DeepSpeed's ``PipeModelDataParallelTopology``, axes pipe-data-model, which is
+megatron-core's order ``tp-cp-ep-dp-pp`` at CP = EP = 1; ``pipeline_topology`` checks the two agree
+rank by rank). The stack is cut as train/pipeline.py says; with tensor parallelism each stage's
+layers are split by the families' plans over megatron's TP group (``groups``). Ranks of one
+pipeline read the same data shard (``data_rank``); the first stage feeds the token ids, the last
+the labels.
 
 One step runs DeepSpeed's 1F1B training schedule over the step's micro-batches (their gradients
 are reduced over the data-parallel ranks and between the tied embedding/head at its end) with its
@@ -27,9 +30,7 @@ pipeline, so eval hooks work unchanged. Recurrent states and ``generate`` are no
 
 Limits: every rank builds the whole model once (seeded, so stages start from bitwise the weights
 of a one-process run) before keeping its stage: a model must fit one host's memory at start-up.
-ZeRO 0-1 only (DeepSpeed), no CPU offload, no tensor parallelism combined with it yet (the
-topology above is the seam: ``PipeModelDataParallelTopology`` with megatron-core's TP groups).
-A resume must use the same pipeline layout (recorded in COMPLETE.json).
+ZeRO 0-1 only (DeepSpeed), ZeRO-0 with tensor parallelism, no CPU offload.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe.schedule import OptimizerStep
-from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, PipeModelDataParallelTopology
 from torch import nn
 
 from hybrid_lm.models.hybrid import HybridLM, ModelOutput
@@ -54,42 +55,63 @@ from hybrid_lm.train.zero_engine import DeepSpeedFiles
 from hybrid_lm.typed_config import ConfigError
 
 
-def pipeline_topology(stages: int, data_parallel: int) -> Any:
-    """DeepSpeed's grid of ``stages`` x ``data_parallel`` ranks, stage outermost."""
-    return PipeDataParallelTopology(num_pp=stages, num_dp=data_parallel)
+def pipeline_topology(stages: int, data_parallel: int, groups: Any = None) -> Any:
+    """DeepSpeed's grid of ``stages`` x ``data_parallel`` (x tensor parallel with ``groups``,
+    ``process_groups.ParallelGroups``) ranks, stage outermost. With ``groups`` every rank checks that
+    DeepSpeed puts it at megatron's (stage, data rank, TP rank): the TP layers all-reduce over
+    megatron's group while DeepSpeed sends activations by its own coordinates, and a mismatch would
+    pair shards of different layers without any error."""
+    if groups is None or groups.tp_size == 1:
+        return PipeDataParallelTopology(num_pp=stages, num_dp=data_parallel)
+    topo = PipeModelDataParallelTopology(num_pp=stages, num_mp=groups.tp_size, num_dp=data_parallel)
+    mine = topo.get_coord(dist.get_rank())
+    megatron = (groups.pp_rank, groups.dp_rank, groups.tp_rank)
+    if (mine.pipe, mine.data, mine.model) != megatron:
+        raise RuntimeError(f"rank {dist.get_rank()}: DeepSpeed's pipeline topology puts it at (stage, data, tensor) = "
+                           f"{(mine.pipe, mine.data, mine.model)}, megatron-core's groups at {megatron}")
+    return topo
 
 
 class PipelineEngine(DeepSpeedFiles):
     def __init__(self, model: HybridLM, cfg: ParallelConfig, optim: OptimConfig, *, micro_batch_size: int,
-                 seq_len: int, grad_clip: float, device: torch.device) -> None:
+                 seq_len: int, grad_clip: float, device: torch.device, groups: Any = None) -> None:
+        """``groups`` (megatron's, ``process_groups.ParallelGroups``) with ``tensor_parallel > 1``:
+        ``model`` is already split by ``tensor_parallel.apply_tensor_parallel`` over them."""
         world, stages = dist.get_world_size(), cfg.pipeline_parallel
-        if world % stages:
-            raise ConfigError(f"parallel.pipeline_parallel: {stages} stages do not divide the world size {world} "
-                              f"(launch a multiple of {stages} processes)")
+        tp = groups.tp_size if groups is not None else 1
+        if world % (stages * tp):
+            raise ConfigError(f"parallel.pipeline_parallel: {stages} stages x parallel.tensor_parallel={tp} do not "
+                              f"divide the world size {world} (launch a multiple of {stages * tp} processes)")
+        data_parallel = world // (stages * tp)
         self.device, self.micro_batches = device, cfg.micro_batches
         self.bounds: Bounds = stage_bounds(model, stages, seq_len)
         split = describe(model.config.block_pattern, self.bounds)
         self.checkpoint_layout = {"pipeline_parallel": stages, "pipeline_stages": split}
+        if tp > 1:
+            self.checkpoint_layout["tensor_parallel"] = tp
+        self._tp_group = groups.tp_group if tp > 1 else None
+        self._reports_tp = tp == 1 or groups.tp_rank == 0
         self._loss = _Loss()
         # no_grad: DeepSpeed broadcasts the tied weight in place into the parameter, which under
         # autograd leaves an unsupported c10d node on its graph (torch warns at every backward).
         # redirect_stdout: DeepSpeed prints its seed settings on rank 0; the split is reported below.
         with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
             pipe = _HybridPipe(pipeline_layers(model), spec_bounds(self.bounds, model.config.n_blocks),
-                               topology=pipeline_topology(stages, world // stages), loss_fn=self._loss)
+                               topology=pipeline_topology(stages, data_parallel, groups), loss_fn=self._loss)
         self.optimizer = build_optimizer(pipe, optim)
         # fp32 ZeRO-0 clips here (module docstring); otherwise DeepSpeed's optimiser does
         self._own_clip = cfg.zero_stage == 0 and cfg.resolved_dtype(device) == "fp32"
         self._grad_clip = grad_clip
         self._ds = parallelize(pipe, self.optimizer, cfg, micro_batch_size=micro_batch_size,
-                               world_size=world // stages, grad_clip=0.0 if self._own_clip else grad_clip,
+                               world_size=data_parallel, grad_clip=0.0 if self._own_clip else grad_clip,
                                device=device)
         grid = pipe.mpu()
         self._pipe, self._grid = pipe, grid
         self.data_rank, self.data_size = grid.get_data_parallel_rank(), grid.get_data_parallel_world_size()
         self.module = PipelinedLM(pipe, model.config, grid)
         if dist.get_rank() == 0:
-            print(f"[pipeline] {stages} stages x {world // stages} data parallel: {split} "
+            print(f"[pipeline] {stages} stages x {data_parallel} data parallel"
+                  f"{f' x {tp} tensor parallel' if tp > 1 else ''}: {split} "
                   f"({self.micro_batches} micro-batches per step)", flush=True)
 
     def load(self, directory: Path) -> None:
@@ -107,7 +129,7 @@ class PipelineEngine(DeepSpeedFiles):
         ds.total_loss, ds.total_additional_losses, ds._compute_loss = None, None, True
         ds._exec_schedule(_WithoutStep(ds._train_schedule()))
         stats = StepStats()
-        if ds.is_last_stage():
+        if ds.is_last_stage() and self._reports_tp:  # the TP ranks of a stage hold the same gathered loss
             for loss, batch in zip(ds.fwd_outputs, batches):
                 stats.add(float(loss), batch["input_ids"].numel())
         return stats
@@ -124,11 +146,15 @@ class PipelineEngine(DeepSpeedFiles):
         return norm if grad_norm else None
 
     def _clip_grad_norm(self) -> float:
-        """The global gradient norm (the tied weight once), and clipping to ``grad_clip`` with the
-        formula of DeepSpeed's fp32 clip."""
+        """The global gradient norm (the tied weight once, a replicated parameter of a TP group
+        once, its split ones summed over the group), and clipping to ``grad_clip`` with the formula
+        of DeepSpeed's fp32 clip."""
         params = [p for p in self._pipe.parameters() if p.grad is not None]
-        owned = [p.grad.detach().float().norm(2) for p in params if not getattr(p, "ds_pipe_replicated", False)]
+        owned = [p.grad.detach().float().norm(2) for p in params if not getattr(p, "ds_pipe_replicated", False)
+                 and (self._reports_tp or getattr(p, "tensor_model_parallel", False))]
         squares = torch.stack(owned).pow(2).sum() if owned else torch.zeros((), device=self.device)
+        if self._tp_group is not None:
+            dist.all_reduce(squares, group=self._tp_group)
         dist.all_reduce(squares, group=self._grid.get_pipe_parallel_group())
         total = squares.sqrt()
         if self._grad_clip > 0:

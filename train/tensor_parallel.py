@@ -119,6 +119,14 @@ class VocabParallelHead(nn.Linear):
         return _GatherLastDim.apply(logits, self.tp_group)
 
 
+def vocab_parallel_logits(x: torch.Tensor, weight: torch.Tensor, group: Any,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., D) activations times this rank's (V/N, D) vocabulary rows, gathered to (..., V) logits
+    (also the pipeline's tied head on its last stage, which holds the embedding shard)."""
+    x = _mappings().copy_to_tensor_model_parallel_region(x, group=group)
+    return _GatherLastDim.apply(F.linear(x, weight, bias), group)
+
+
 def shard(tensor: torch.Tensor, split: Split, rank: int, tp: int) -> torch.Tensor:
     """This rank's piece of every component of ``tensor`` along ``split.dim``, concatenated."""
     if sum(split.sizes) != tensor.size(split.dim):

@@ -54,39 +54,59 @@ def _stage0_state_dict(ds_dir: Path) -> dict[str, torch.Tensor]:
     return dict(blob["module"])
 
 
-def _pipeline_state_dict(ds_dir: Path, model_config: ModelConfig) -> dict[str, torch.Tensor]:
+def _pipeline_state_dict(ds_dir: Path, model_config: ModelConfig, tp: int = 1) -> dict[str, torch.Tensor]:
+    """The full weights from DeepSpeed's per-layer files (``layer_XX-model_states.pt``, with tensor
+    parallelism one per TP rank: ``layer_XX-model_YY-model_states.pt``, re-assembled as below)."""
     from hybrid_lm.train.pipeline import state_dict_names
 
+    splits = _tp_splits(model_config, tp) if tp > 1 else {}
     out: dict[str, torch.Tensor] = {}
-    for path in sorted(ds_dir.glob("layer_*-model_states.pt")):
-        layer = int(path.name.split("-")[0][len("layer_"):])
-        for key, tensor in torch.load(path, map_location="cpu", weights_only=True).items():
-            out[state_dict_names(layer, model_config.n_blocks, key)] = tensor
+    layers = sorted({int(path.name.split("-")[0][len("layer_"):]) for path in ds_dir.glob("layer_*-model_states.pt")})
+    for layer in layers:
+        files = sorted(ds_dir.glob(f"layer_{layer:02d}-*model_states.pt"))
+        if len(files) != tp:
+            raise layout.CheckpointError(f"{ds_dir}: layer {layer} has {len(files)} files, tensor_parallel={tp} needs {tp}")
+        parts = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+        for key, tensor in parts[0].items():
+            name = state_dict_names(layer, model_config.n_blocks, key)
+            split = splits.get(name)
+            out[name] = tensor if split is None else _unshard([part[key] for part in parts], split)
     if model_config.tie_embeddings and "embed.weight" in out:
         out["lm_head.weight"] = out["embed.weight"]  # the tied head is saved once, with the embedding
     return out
 
 
-def _tensor_parallel_state_dict(ds_dir: Path, model_config: ModelConfig, tp: int) -> dict[str, torch.Tensor]:
-    """The full weights from the module files of the ``tp`` tensor-parallel ranks (``mp_rank_XX``):
-    each split parameter re-assembled by the plan that cut it, the replicated ones from rank 0."""
+def _tp_splits(model_config: ModelConfig, tp: int) -> dict[str, Any]:
+    """How the plans cut each parameter of ``model_config``'s model at ``tp`` ranks, by name (tied
+    names included). Applying them to a model on the meta device (no memory, no collective: the
+    group is only stored) recovers that without a process group."""
     from types import SimpleNamespace
 
     from hybrid_lm.models.hybrid import HybridLM
-    from hybrid_lm.train.tensor_parallel import apply_tensor_parallel, unshard
+    from hybrid_lm.train.tensor_parallel import apply_tensor_parallel
 
+    with torch.device("meta"):
+        skeleton = apply_tensor_parallel(HybridLM(model_config), SimpleNamespace(tp_size=tp, tp_rank=0, tp_group=None))
+    return {name: p._tp_split for name, p in skeleton.named_parameters(remove_duplicate=False)
+            if getattr(p, "_tp_split", None) is not None}
+
+
+def _unshard(parts: list[torch.Tensor], split: Any) -> torch.Tensor:
+    from hybrid_lm.train.tensor_parallel import unshard  # imports megatron-core: only for TP checkpoints
+
+    return unshard(parts, split)
+
+
+def _tensor_parallel_state_dict(ds_dir: Path, model_config: ModelConfig, tp: int) -> dict[str, torch.Tensor]:
+    """The full weights from the module files of the ``tp`` tensor-parallel ranks (``mp_rank_XX``):
+    each split parameter re-assembled by the plan that cut it, the replicated ones from rank 0."""
     files = [ds_dir / f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise layout.CheckpointError(f"{ds_dir}: tensor_parallel={tp} checkpoint lacks {', '.join(missing)}")
-    # the plans say how each parameter was cut; applying them to a model on the meta device (no
-    # memory, no collective: the group is only stored) recovers that per name, tied names included
-    with torch.device("meta"):
-        skeleton = apply_tensor_parallel(HybridLM(model_config), SimpleNamespace(tp_size=tp, tp_rank=0, tp_group=None))
-    splits = {name: p._tp_split for name, p in skeleton.named_parameters(remove_duplicate=False)
-              if getattr(p, "_tp_split", None) is not None}
+    splits = _tp_splits(model_config, tp)
     parts = [dict(torch.load(f, map_location="cpu", weights_only=True)["module"]) for f in files]
-    return {name: unshard([part[name] for part in parts], splits[name]) if name in splits else tensor
+    return {name: _unshard([part[name] for part in parts], splits[name]) if name in splits else tensor
             for name, tensor in parts[0].items()}
 
 
@@ -103,7 +123,7 @@ def load_model_state(path: Path) -> LoadedModel:
     with safe_load.weights_only_loads(ckpt / DS_TAG):
         tp = int(meta.get("layout", {}).get("tensor_parallel", 1))
         if meta.get("layout", {}).get("pipeline_parallel", 1) > 1:
-            raw = _pipeline_state_dict(ckpt / DS_TAG, model_config)
+            raw = _pipeline_state_dict(ckpt / DS_TAG, model_config, tp)
         elif tp > 1:
             # DeepSpeed's module files hold each TP rank's shards at every ZeRO stage TP allows
             # (0-2): the weights the model computes with, as for a pipeline (module docstring)
