@@ -27,6 +27,9 @@ def select(config: ModelConfig, target: str = "auto") -> Adapter:
         if target not in ("auto", "native") and adapter.name != target:
             continue
         why = adapter.unsupported(config)
+        if why is None and adapter.name != "remote" and config.recursion.loops > 1:
+            # the native classes have one weight per layer: a looped block (and its per-loop LoRA) is ours only
+            why = f"no transformers class loops a shared block (model.recursion.loops={config.recursion.loops})"
         if why is None:
             return adapter
         reasons.append(f"  {adapter.name}: {why}")

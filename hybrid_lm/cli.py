@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("hybrid_lm.train.plot", "draw the loss curves of a run directory to PNG"),
     "export": ("hybrid_lm.export.cli", "export a training checkpoint to a Hugging Face folder"),
     "import": ("hybrid_lm.export.import_cli", "import a Hugging Face Llama/Mamba2 folder as a checkpoint"),
+    "recursive": ("hybrid_lm.train.recursive_cli", "convert a pretrained model into a looped (relaxed recursive) one"),
     "run": ("hybrid_lm.launch.main_job", "the main job: build shards, train, evaluate and export"),
 }
 
@@ -28,7 +29,7 @@ def _top_level_parser() -> argparse.ArgumentParser:
         prog="hybrid-lm",
         description="Pretraining stack for hybrid long-context language models.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="commands:\n" + "\n".join(f"  {n:<8} {h}" for n, (_, h) in COMMANDS.items()),
+        epilog="commands:\n" + "\n".join(f"  {n:<10} {h}" for n, (_, h) in COMMANDS.items()),
     )
     parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
     return parser

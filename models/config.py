@@ -27,6 +27,8 @@ from typing import Literal, NoReturn, Optional
 
 from hybrid_lm.models.atlas.config import AtlasConfig
 from hybrid_lm.models.common.registry import layer_specs
+from hybrid_lm.models.hmt.config import HMTConfig
+from hybrid_lm.models.recursive.config import RecursionConfig
 from hybrid_lm.models.titans.config import TitansConfig
 from hybrid_lm.typed_config import InvalidValue, require_at_least, require_positive
 
@@ -148,6 +150,10 @@ class ModelConfig:
     mlp: MLPConfig = field(default_factory=MLPConfig)
     titans: TitansConfig = field(default_factory=TitansConfig)
     atlas: AtlasConfig = field(default_factory=AtlasConfig)
+    recursion: RecursionConfig = field(default_factory=RecursionConfig)
+    """loop the pattern as one shared block (relaxed recursive transformer); off at loops=1"""
+    hmt: Optional[HMTConfig] = None
+    """a section here makes the stack the backbone of an HMT model (``models/hmt/``); null: the plain stack"""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -156,6 +162,11 @@ class ModelConfig:
     def block_pattern(self) -> str:
         """``layer_pattern`` without the pipeline-stage marks ``|``: one letter per block."""
         return self.layer_pattern.replace(STAGE_MARK, "")
+
+    @property
+    def kind(self) -> str:
+        """Which model the config builds (``hybrid_lm.models.kinds.build_lm``): ``hmt`` or ``hybrid``."""
+        return "hmt" if self.hmt is not None else "hybrid"
 
     @property
     def n_blocks(self) -> int:
@@ -172,7 +183,9 @@ class ModelConfig:
             require_at_least(self, 0, "norm_eps", "init_std")
         except InvalidValue as exc:
             self._fail(exc.key, exc.problem)
-        for name in ("attention", "mamba2", "mlp", "titans", "atlas"):
+        for name in ("attention", "mamba2", "mlp", "titans", "atlas", "recursion", "hmt"):
+            if getattr(self, name) is None:  # an optional section left out
+                continue
             try:
                 getattr(self, name).validate()
             except InvalidValue as exc:

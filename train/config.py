@@ -103,6 +103,19 @@ class JobConfig:
         check_pipeline(self.model, self.parallel.pipeline_parallel)  # the pattern can make the stages
         # heads, groups, MLP width, vocab: each family's requirements
         check_tensor_parallel(self.model, self.parallel.tensor_parallel)
+        self._check_recursion()
+
+    def _check_recursion(self) -> None:
+        loops = self.model.recursion.loops
+        if loops == 1:
+            return
+        # the pipeline splits the pattern into stages and TP/CP wrap each layer once; a looped block
+        # would need every stage to loop and per-loop LoRA sharded: untested, so refused
+        for key in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+            degree = getattr(self.parallel, key, 1)
+            if degree > 1:
+                raise ConfigError(f"parallel.{key}: {degree} is not supported with model.recursion.loops={loops} "
+                                  "(a looped model trains with data parallelism / ZeRO only)")
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -29,6 +29,8 @@ CASES = {
     # at run time (a loader building on the meta device must not leave them uninitialised)
     "remote_atlas": {"layer_pattern": "X-D-A-", "titans": {"n_heads": 2, "chunk_size": 4},
                      "atlas": {"poly_form": "monomial", "deep_transformer": {"poly_form": "monomial"}}},
+    # a relaxed recursive model: 'A-' alone would be a Llama, but looped with per-loop LoRA it is ours only
+    "remote_recursive": {"layer_pattern": "M-A-", "recursion": {"loops": 2, "lora_rank": 4}},
 }
 
 
@@ -43,7 +45,7 @@ def tiny_model(config: ModelConfig, seed: int = 0) -> HybridLM:
     with torch.no_grad():
         # random norms and Mamba parameters, so a swapped or dropped tensor changes the logits
         for name, p in model.named_parameters():
-            if p.dim() == 1:
+            if p.dim() == 1 or name.endswith(".lora_B"):  # LoRA's B starts at zero: make each loop differ
                 p.add_(0.1 * torch.randn_like(p))
     return model
 
