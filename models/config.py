@@ -28,6 +28,7 @@ from typing import Literal, NoReturn, Optional
 from hybrid_lm.models.atlas.config import AtlasConfig
 from hybrid_lm.models.common.registry import layer_specs
 from hybrid_lm.models.hmt.config import HMTConfig
+from hybrid_lm.models.recursive.config import RecursionConfig
 from hybrid_lm.models.titans.config import TitansConfig
 from hybrid_lm.typed_config import InvalidValue, require_at_least, require_positive
 
@@ -149,6 +150,8 @@ class ModelConfig:
     mlp: MLPConfig = field(default_factory=MLPConfig)
     titans: TitansConfig = field(default_factory=TitansConfig)
     atlas: AtlasConfig = field(default_factory=AtlasConfig)
+    recursion: RecursionConfig = field(default_factory=RecursionConfig)
+    """loop the pattern as one shared block (relaxed recursive transformer); off at loops=1"""
     hmt: Optional[HMTConfig] = None
     """a section here makes the stack the backbone of an HMT model (``models/hmt/``); null: the plain stack"""
 
@@ -180,7 +183,7 @@ class ModelConfig:
             require_at_least(self, 0, "norm_eps", "init_std")
         except InvalidValue as exc:
             self._fail(exc.key, exc.problem)
-        for name in ("attention", "mamba2", "mlp", "titans", "atlas", "hmt"):
+        for name in ("attention", "mamba2", "mlp", "titans", "atlas", "recursion", "hmt"):
             if getattr(self, name) is None:  # an optional section left out
                 continue
             try:

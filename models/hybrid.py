@@ -5,7 +5,13 @@ pattern letter and talks to it only through ``models/common/mixer.py``. Nor does
 parallelism or training: the engine in ``train/`` wraps it from outside.
 
 Shapes: ``input_ids`` (B, T) int64 -> ``logits`` (B, T, V). States are a list with one entry per
-block (None for stateless layers).
+block and loop (None for stateless layers).
+
+With ``config.recursion.loops = L > 1`` the blocks are one shared block applied L times (the
+relaxed recursive transformer, ``models/recursive/``): state entry ``l * n_blocks + i`` belongs to
+block i in loop l, since a looped recurrent layer is L distinct recurrences sharing weights. Per-loop
+LoRA is attached to the block's linears from ``models/recursive/lora.py``; the stack only says which
+loop runs.
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ from torch import nn
 from hybrid_lm.models.common.mixer import Layer, State
 from hybrid_lm.models.common.registry import get_layer_spec
 from hybrid_lm.models.config import ModelConfig
+from hybrid_lm.models.recursive.early_exit import generate_with_early_exit
+from hybrid_lm.models.recursive.lora import LoopIndex, LoopLoRALinear, apply_loop_lora
 
 States = list[Optional[State]]
 
@@ -71,6 +79,11 @@ class HybridLM(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        rec = config.recursion
+        self.loops = rec.loops
+        self.loop = LoopIndex()
+        if rec.lora_rank:
+            apply_loop_lora(self.blocks, loops=rec.loops, rank=rec.lora_rank, targets=rec.lora_targets, loop=self.loop)
         self.init_weights()
 
     @torch.no_grad()
@@ -99,11 +112,19 @@ class HybridLM(nn.Module):
                     p.mul_(scale)
         for block in self.blocks:
             block.layer.reset_parameters()
+        for module in self.modules():
+            if isinstance(module, LoopLoRALinear):
+                module.reset_lora()
 
     def init_states(self, batch_size: int, *, device: torch.device | None = None, dtype: torch.dtype | None = None) -> States:
         device = device or self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
-        return [b.layer.init_state(batch_size, device=device, dtype=dtype) for b in self.blocks]
+        return [b.layer.init_state(batch_size, device=device, dtype=dtype) for _ in range(self.loops) for b in self.blocks]
+
+    def unrolled_blocks(self) -> list[tuple[int, int, Block]]:
+        """(loop, state index, block) in execution order; sets nothing (see ``run_loop``)."""
+        n = len(self.blocks)
+        return [(loop, loop * n + i, block) for loop in range(self.loops) for i, block in enumerate(self.blocks)]
 
     def forward(
         self,
@@ -135,7 +156,8 @@ class HybridLM(nn.Module):
         ``forward`` without the embedding and the head, for wrappers that feed embeddings of their
         own (HMT's memory tokens, ``models/hmt/``)."""
         new_states: States = []
-        for i, block in enumerate(self.blocks):
+        for loop, i, block in self.unrolled_blocks():
+            self.loop.value = loop
             x, s = block(
                 x,
                 state=None if states is None else states[i],
@@ -149,8 +171,9 @@ class HybridLM(nn.Module):
     def step_hidden(self, x: torch.Tensor, states: States) -> tuple[torch.Tensor, States]:
         """``step`` on an input embedding x (B, D) -> (final-normed hidden (B, D), new states)."""
         new_states: States = []
-        for block, s in zip(self.blocks, states):
-            x, s = block.step(x, s)
+        for loop, i, block in self.unrolled_blocks():
+            self.loop.value = loop
+            x, s = block.step(x, states[i])
             new_states.append(s)
         return self.final_norm(x), new_states
 
@@ -159,8 +182,12 @@ class HybridLM(nn.Module):
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Prefill with the parallel form, then decode with ``step``; greedy when temperature == 0.
 
-        input_ids (B, T) -> (B, T + max_new_tokens).
+        input_ids (B, T) -> (B, T + max_new_tokens). A looped model with
+        ``recursion.exit_threshold`` set exits early (``models/recursive/early_exit.py``).
         """
+        if self.loops > 1 and self.config.recursion.exit_threshold is not None:
+            return generate_with_early_exit(self, input_ids, max_new_tokens, threshold=self.config.recursion.exit_threshold,
+                                            temperature=temperature, generator=generator)[0]
         out = self(input_ids, return_states=True)
         states = out.states
         assert states is not None
@@ -179,7 +206,10 @@ class HybridLM(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token (Megatron convention; x3 for training), LM head included."""
         d, v = self.config.d_model, self.config.vocab_size
-        return sum(b.layer.flops_per_token(seq_len) for b in self.blocks) + 2.0 * d * v
+        block = sum(b.layer.flops_per_token(seq_len) for b in self.blocks)
+        lora = sum(2.0 * m.lora_A.shape[1] * (m.in_features + m.out_features)
+                   for m in self.blocks.modules() if isinstance(m, LoopLoRALinear))
+        return self.loops * (block + lora) + 2.0 * d * v
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
