@@ -33,6 +33,10 @@ class DataConfig:
     expected_vocab_size: Optional[int] = None
     """pin: when set, start-up also fails unless the manifest's vocab size matches. Without it the
     manifest is still checked against the tokenizer.json next to local shards"""
+    row_streams: bool = False
+    """train split: row b of every batch continues row b of the reader's previous batch (each row
+    is its own contiguous token stream), as ``train.state_passing: carry`` needs. Off: a batch's rows
+    are consecutive pieces of one stream (row b+1 continues row b). Part of the data order"""
     tokenizer_fingerprint: Optional[str] = None
     """pin: when set, start-up also fails unless the manifest's tokenizer sha256 matches (the only
     tokenizer check for remote shards, whose tokenizer.json is not read)"""

@@ -13,6 +13,12 @@ reader id, cursor), so the loader owns the order instead of trusting torch or we
 * Order across workers. Workers take turns strictly: batch i of the rank comes from logical
   worker ``(start + i) % W``. torch's DataLoader hands out iterable-dataset batches round-robin
   from worker 0, so on resume DataLoader worker k plays logical worker ``(k + start) % W``.
+* Row streams (``data.row_streams``, train only). Normally a batch's B rows are B consecutive
+  pieces of the reader's stream, so row b of batch i+1 is far from row b of batch i. With row
+  streams each reader's range is cut into B sub-ranges, row b reads only sub-range b with its
+  own cursor, and row b of every batch continues row b of the reader's previous batch: what
+  carrying a recurrent state from batch to batch (``train.state_passing``) needs. Same tokens
+  per epoch (``floor(N / (R*B*T))*T`` per row stream), B open shards per reader instead of one.
 * State. Each batch travels with its worker's cursor *after* that batch; the loader records it
   when it hands the batch to the caller, so ``state_dict()`` is exact whatever has been
   prefetched. ``train`` loops over epochs forever (the epoch reshuffles); ``val`` is one pass.
@@ -61,7 +67,10 @@ class _Plan:
         self.readers = world_size * self.workers
         self.rows = cfg.micro_batch_size * cfg.seq_len
         total = sum(int(s["tokens"]) for s in self.shards)
-        self.ranges = reader_ranges(total, self.readers, self.rows, drop_remainder=split == "train")
+        # row streams: B sub-readers of one row each per reader; cursor k of worker w is row k % B
+        self.streams = cfg.micro_batch_size if cfg.row_streams and split == "train" else 1
+        self.ranges = reader_ranges(total, self.readers * self.streams, self.rows // self.streams,
+                                    drop_remainder=split == "train")
         # val keeps documents whole: it pads anyway, and a cut would lose the target across it
         self.whole_samples = split != "train"
         self._quota: dict[int, int] = {}
@@ -78,11 +87,38 @@ class _Plan:
     def quota(self, epoch: int = 0) -> int:
         """Batches every reader yields in ``epoch``."""
         if self.split == "train":  # equal ranges of whole batches: the same every epoch
-            return (self.ranges[0][1] - self.ranges[0][0]) // self.rows
+            return (self.ranges[0][1] - self.ranges[0][0]) * self.streams // self.rows
         if epoch not in self._quota:
             # snapped val ranges depend on the epoch's shuffle by up to a document
             self._quota = {epoch: math.ceil(max(p.tokens for p in self.plans(epoch)) / self.rows)}
         return self._quota[epoch]
+
+    def row_stream_batches(self, worker: int, cursors: list[Cursor]) -> Iterator[tuple[Batch, list[Cursor]]]:
+        """``reader_batches`` with row streams: row b of each batch from sub-reader b's own cursor."""
+        cfg, rows = self.cfg, self.streams
+        first = (self.rank * self.workers + worker) * rows  # global index of this reader's row 0
+        curs = copy.deepcopy(cursors)
+        while True:
+            quota = self.quota(curs[0].epoch)
+            if curs[0].batches >= quota:
+                curs = [c.next_epoch() for c in curs]
+                continue
+            plans = self.plans(curs[0].epoch, list(range(first, first + rows)))
+            streams = [TokenStream(self.base, self.shards, plan, cur, seed=cfg.seed, verify=cfg.verify_checksums,
+                                   policy=cfg.bad_shard_policy) for plan, cur in zip(plans, curs)]
+            try:
+                while curs[0].batches < quota:
+                    parts = []
+                    for stream, cur in zip(streams, curs):
+                        pieces = stream.take(cfg.seq_len)
+                        full = sum(len(p) for p, _ in pieces) == cfg.seq_len
+                        cur.padded_rows += int(not full)
+                        parts.append(pack_rows(pieces, stream.peek() if full else None, 1, cfg.seq_len, self.pad_id))
+                        cur.batches += 1
+                    yield {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, copy.deepcopy(curs)
+            finally:
+                for stream in streams:
+                    stream.close()
 
     def reader_batches(self, worker: int, cursor: Cursor) -> Iterator[tuple[Batch, Cursor]]:
         """Batches of logical worker ``worker`` from ``cursor``, each with the cursor after it."""
@@ -123,8 +159,20 @@ class _WorkerDataset(IterableDataset):
     def __iter__(self) -> Iterator[tuple[Batch, dict[str, Any], int]]:
         info = get_worker_info()
         w = ((info.id if info is not None else 0) + self.start) % self.plan.workers
-        for batch, cur in self.plan.reader_batches(w, self.cursors[w]):
-            yield batch, cur.to_dict(), w
+        for batch, cur in _worker_batches(self.plan, w, self.cursors):
+            yield batch, [c.to_dict() for c in cur], w
+
+
+def _worker_batches(plan: _Plan, worker: int, cursors: list[Cursor]) -> Iterator[tuple[Batch, list[Cursor]]]:
+    """Logical worker ``worker``'s batches from its slice of the loader's flat cursor list (one cursor
+    per worker, or per row stream), each with the slice after it."""
+    n = plan.streams
+    mine = cursors[worker * n:(worker + 1) * n]
+    if n > 1:
+        yield from plan.row_stream_batches(worker, mine)
+        return
+    for batch, cur in plan.reader_batches(worker, mine[0]):
+        yield batch, [cur]
 
 
 class ResumableLoader:
@@ -132,7 +180,7 @@ class ResumableLoader:
 
     def __init__(self, plan: _Plan) -> None:
         self._plan = plan
-        self._cursors = [Cursor() for _ in range(plan.workers)]
+        self._cursors = [Cursor() for _ in range(plan.workers * plan.streams)]
         self._next = 0
 
     @property
@@ -150,21 +198,20 @@ class ResumableLoader:
 
     @property
     def epoch(self) -> int:
-        return self._cursors[self._next].epoch
+        return self._cursors[self._next * self._plan.streams].epoch
 
     @property
     def stats(self) -> dict[str, Any]:
         bad = sorted({name for c in self._cursors for name in c.bad_shards})
         return {"bad_shards": len(bad), "bad_shard_names": bad,
                 "padded_rows": sum(c.padded_rows for c in self._cursors),
-                "batches": sum(c.batches for c in self._cursors), "epoch": self.epoch}
+                "batches": sum(c.batches for c in self._cursors[::self._plan.streams]), "epoch": self.epoch}
 
     def __iter__(self) -> Iterator[Batch]:
         p = self._plan
         if p.cfg.num_workers == 0:
-            gen = p.reader_batches(0, self._cursors[0])
-            for batch, cur in gen:
-                self._cursors[0] = cur
+            for batch, cur in _worker_batches(p, 0, self._cursors):
+                self._cursors = cur
                 yield batch
             return
         dataset = _WorkerDataset(p, copy.deepcopy(self._cursors), self._next)
@@ -172,8 +219,9 @@ class ResumableLoader:
         loader = DataLoader(dataset, batch_size=None, num_workers=p.cfg.num_workers, collate_fn=_identity,
                             prefetch_factor=p.cfg.prefetch_factor, generator=torch.Generator().manual_seed(0),
                             multiprocessing_context="fork" if hasattr(__import__("os"), "fork") else None)
+        n = p.streams
         for batch, cur, w in loader:
-            self._cursors[w] = Cursor.from_dict(cur)
+            self._cursors[w * n:(w + 1) * n] = [Cursor.from_dict(c) for c in cur]
             self._next = (w + 1) % p.workers
             yield batch
 
@@ -181,13 +229,17 @@ class ResumableLoader:
         p = self._plan
         return {"version": STATE_VERSION, "split": p.split, "seed": p.cfg.seed, "rank": p.rank,
                 "world_size": p.world_size, "num_workers": p.cfg.num_workers, "seq_len": p.cfg.seq_len,
-                "micro_batch_size": p.cfg.micro_batch_size}
+                "micro_batch_size": p.cfg.micro_batch_size, "row_streams": p.streams > 1}
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position after the last batch handed out."""
         return {**self._header(), "next_worker": self._next, "cursors": [c.to_dict() for c in self._cursors]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if bool(state.get("row_streams", False)) != (self._plan.streams > 1):
+            raise DataError(f"loader state was saved with data.row_streams={bool(state.get('row_streams', False))}, "
+                            f"this loader has row streams {'on' if self._plan.streams > 1 else 'off'}; the data order "
+                            f"depends on it, so resume with the same value")
         check_compatible(state, {**self._header(), "cursors": self._cursors})
         self._cursors = [Cursor.from_dict(c) for c in state["cursors"]]
         self._next = int(state["next_worker"]) % self._plan.workers
