@@ -15,16 +15,21 @@ head counts and run on their share.
 
 Weights are cut from the full model every rank built with the same seed, so a TP run starts from
 exactly the weights of the 1-process run (Megatron's CUDA RNG tracker is never needed, and
-everything works on gloo). The logits are gathered over the vocabulary shards, so the model's own
-cross-entropy, evals and generation see full logits; megatron's ``vocab_parallel_cross_entropy``
-(which avoids the full (B, T, V) logits on every rank) needs the loss moved out of ``HybridLM.forward``
-and is not used yet.
+everything works on gloo).
+
+The LM head's logits are gathered over the vocabulary shards by default, so evals, generation,
+export checks and the model's own cross-entropy see full (B, T, V) logits. Training does not:
+``VocabParallelLoss`` (which the engine calls instead of reading ``ModelOutput.loss``) runs the
+model without labels with the head left local, (B, T, V/tp), and computes the loss with
+megatron-core's ``vocab_parallel_cross_entropy`` (three all-reduces of (B, T) values), so no rank
+ever holds the full logits of a training step. The model code keeps its own plain loss.
 """
 from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -109,14 +114,17 @@ class VocabParallelEmbedding(nn.Embedding):
 
 
 class VocabParallelHead(nn.Linear):
-    """LM head over this rank's vocabulary rows; the logits are gathered to the full vocabulary."""
+    """LM head over this rank's vocabulary rows; the logits are gathered to the full vocabulary
+    unless ``gather_output`` is off (inside ``VocabParallelLoss.local_logits``: the training step)."""
 
     tp_group: Any
+    gather_output: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _mappings().copy_to_tensor_model_parallel_region(x, group=self.tp_group)
-        logits = F.linear(x, self.weight, self.bias)
-        return _GatherLastDim.apply(logits, self.tp_group)
+        if not self.gather_output:
+            x = _mappings().copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+            return F.linear(x, self.weight, self.bias)
+        return vocab_parallel_logits(x, self.weight, self.tp_group, self.bias)
 
 
 def vocab_parallel_logits(x: torch.Tensor, weight: torch.Tensor, group: Any,
@@ -125,6 +133,70 @@ def vocab_parallel_logits(x: torch.Tensor, weight: torch.Tensor, group: Any,
     (also the pipeline's tied head on its last stage, which holds the embedding shard)."""
     x = _mappings().copy_to_tensor_model_parallel_region(x, group=group)
     return _GatherLastDim.apply(F.linear(x, weight, bias), group)
+
+
+@functools.cache
+def _vocab_parallel_cross_entropy() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+    return vocab_parallel_cross_entropy
+
+
+#: labels that count in no loss (document ends and padding, data/packing.py), as in HybridLM's loss
+IGNORE_INDEX = -100
+
+
+def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy over ``labels != -100`` from vocabulary-sharded logits: what
+    ``F.cross_entropy(full_logits, labels, ignore_index=-100)`` gives, without the full logits.
+
+    logits (B, T, V/N): this rank's vocabulary rows ``[rank*V/N, (rank+1)*V/N)`` (the layout of
+    ``VocabParallelEmbedding``/``VocabParallelHead``); labels (B, T) int64, global ids. Returns a
+    scalar, the same on every rank of the tensor-parallel group (megatron-core takes the group
+    from ``parallel_state``, where ``process_groups`` made it). NaN when every label is ignored,
+    as F.cross_entropy."""
+    keep = labels != IGNORE_INDEX
+    # megatron's kernel has no ignore_index: an ignored label gets id 0 (a real row, so its value
+    # stays finite) and is masked out of the mean. The kernel also overwrites its input with the
+    # softmax to save memory; that is safe here: .float() copies bf16 logits, and fp32 logits fresh
+    # from the head's matmul are needed by no backward (a linear keeps its input, not its output).
+    per_token = _vocab_parallel_cross_entropy()(logits.float(), labels.masked_fill(~keep, 0))
+    return (per_token * keep).sum() / keep.sum()
+
+
+class VocabParallelLoss:
+    """The training loss of a model split by ``apply_tensor_parallel``, from sharded logits.
+
+        loss_fn = VocabParallelLoss(model)
+        loss = loss_fn(model_or_its_deepspeed_engine, input_ids, labels=labels, doc_ids=..., position_ids=...)
+
+    Calls the model without labels while its vocabulary-parallel heads return local logits, then
+    ``vocab_parallel_loss``: no rank holds the full (B, T, V) logits, and the value and gradients
+    are those of the model's own loss (the head's input gradient is all-reduced by its
+    copy-to-region mapping, as for any column-parallel layer). Tied weights stay one parameter."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.heads = [m for m in model.modules() if isinstance(m, VocabParallelHead)]
+        if not self.heads:
+            raise ValueError("VocabParallelLoss: the model has no vocabulary-parallel head (apply_tensor_parallel first)")
+
+    @contextmanager
+    def local_logits(self) -> Iterator[None]:
+        """Inside: the heads return this rank's (B, T, V/N) logits instead of gathering them."""
+        for head in self.heads:
+            head.gather_output = False
+        try:
+            yield
+        finally:
+            for head in self.heads:
+                del head.gather_output  # back to the class default: gathered
+
+    def __call__(self, model: Callable[..., Any], input_ids: torch.Tensor, *, labels: torch.Tensor,
+                 **kwargs: Any) -> torch.Tensor:
+        with self.local_logits():
+            logits = model(input_ids, **kwargs).logits
+        return vocab_parallel_loss(logits, labels)
 
 
 def shard(tensor: torch.Tensor, split: Split, rank: int, tp: int) -> torch.Tensor:

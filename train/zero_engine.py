@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -63,12 +63,17 @@ class ZeroEngine(DeepSpeedFiles):
     With ``groups`` (``process_groups.ParallelGroups``, the model split by
     ``tensor_parallel.apply_tensor_parallel`` and DeepSpeed given them as ``mpu``) the data
     parallelism is over ``groups.dp_group``: the ranks of one TP group read the same data shard,
-    compute the same (gathered) loss, and only TP rank 0 reports it, so the loop's all-reduce counts
-    each data-parallel replica's losses and tokens once."""
+    compute the same loss, and only TP rank 0 reports it, so the loop's all-reduce counts each
+    data-parallel replica's losses and tokens once.
+
+    ``loss`` (``tensor_parallel.VocabParallelLoss`` under TP), when given, computes each
+    micro-batch's training loss from the module, the input ids and the batch's keyword arguments,
+    in place of the model's own ``ModelOutput.loss``."""
 
     def __init__(self, ds_engine: Any, optimizer: SkippableAdamW, *, micro_batches: int, device: torch.device,
-                 groups: Any = None) -> None:
+                 groups: Any = None, loss: Optional[Callable[..., torch.Tensor]] = None) -> None:
         self._ds, self.optimizer, self.device = ds_engine, optimizer, device
+        self._loss = loss
         self.module = ds_engine.module
         self.micro_batches = micro_batches
         tp = groups.tp_size if groups is not None else 1
@@ -90,7 +95,7 @@ class ZeroEngine(DeepSpeedFiles):
         for i, batch in enumerate(batches):
             self._ds.set_gradient_accumulation_boundary(i == len(batches) - 1)
             ids, kwargs = to_device(batch, self.device)
-            loss = self._ds(ids, **kwargs).loss
+            loss = self._ds(ids, **kwargs).loss if self._loss is None else self._loss(self._ds, ids, **kwargs)
             if nan_loss:
                 loss = loss * float("nan")
             self._ds.backward(loss)
