@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 from hybrid_lm.data.config import DataConfig
 from hybrid_lm.models.config import ModelConfig
@@ -23,6 +23,7 @@ from hybrid_lm.train.optim import OptimConfig
 from hybrid_lm.train.parallelize import ParallelConfig
 from hybrid_lm.train.pipeline import check_pipeline
 from hybrid_lm.train.schedules import ScheduleConfig, build_lr_schedule
+from hybrid_lm.train.state_passing import check_state_passing
 from hybrid_lm.train.tensor_parallel import check_tensor_parallel
 from hybrid_lm.typed_config import ConfigError, apply_overrides, from_dict, load_file, to_dict
 
@@ -57,6 +58,12 @@ class TrainConfig:
     ``eval.every`` is"""
     debug_nan_steps: list[int] = field(default_factory=list)
     """testing aid: the loss of these steps is replaced by NaN to exercise the skip path"""
+    state_passing: Literal["off", "carry", "noise"] = "off"
+    """start each batch's Mamba-2 states from the same row's previous final states, detached
+    (carry; needs data.row_streams) or from Gaussian noise (noise), against state collapse past the
+    training length (train/state_passing.py); off: from zero, as usual"""
+    state_noise_std: float = 0.1
+    """standard deviation of the noise initial states (state_passing: noise)"""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -68,6 +75,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: must be >= 0 (0 disables), got {getattr(self, name)}")
         if self.spike_window < 1:
             raise ConfigError(f"train.spike_window: must be >= 1, got {self.spike_window}")
+        if not 0 < self.state_noise_std < float("inf"):
+            raise ConfigError(f"train.state_noise_std: must be > 0, got {self.state_noise_std}")
         if self.stop_at is not None and self.stop_at < 1:
             # the loop compares it with the step count after each step, so 0 would never stop the run
             raise ConfigError(f"train.stop_at: must be >= 1 or null, got {self.stop_at}")
@@ -103,6 +112,7 @@ class JobConfig:
         check_pipeline(self.model, self.parallel.pipeline_parallel)  # the pattern can make the stages
         # heads, groups, MLP width, vocab: each family's requirements
         check_tensor_parallel(self.model, self.parallel.tensor_parallel)
+        check_state_passing(self)  # row streams for carry, a carried layer, no model parallelism
         self._check_recursion()
 
     def _check_recursion(self) -> None:

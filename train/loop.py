@@ -39,6 +39,7 @@ from hybrid_lm.train.optim import build_optimizer
 from hybrid_lm.train.parallelize import parallelize
 from hybrid_lm.train.run_lock import exclusive_run
 from hybrid_lm.train.schedules import build_lr_schedule
+from hybrid_lm.train.state_passing import attach_state_passing
 from hybrid_lm.train.zero_engine import ZeroEngine
 from hybrid_lm.typed_config import ConfigError
 
@@ -135,6 +136,7 @@ def _train(cfg: JobConfig, info: D.DistInfo, make_loader: Optional[LoaderFactory
     model = build_model(cfg.model, seed=cfg.train.seed, init_from=cfg.train.init_from, resuming=resume_from is not None)
     train_flops = 3.0 * model.flops_per_token(cfg.data.seq_len)  # the whole model's, whatever the engine keeps
     engine = build_engine(model, cfg, info)
+    attach_state_passing(engine, cfg, info.rank)
     del model  # the engine holds what this rank trains; a pipeline stage frees the other stages' layers
     loader = make_loader("train", engine.data_rank, engine.data_size)
     state, rng = TrainerState(), None

@@ -9,8 +9,9 @@ MFU convention (Megatron's): training FLOPs per token = 3 x forward FLOPs per to
 (the backward pass costs twice the forward), forward FLOPs from ``HybridLM.flops_per_token`` (matmuls
 2*m*n, the causal attention core counted once over the real packed context). ``mfu`` takes the
 *training* FLOPs per token (already x3) and the tokens/s of one device, against that device's dense
-bf16 peak (H100 SXM and H200: 989 TFLOP/s, H100 PCIe: 756, A100: 312). Rank 0's tokens/s divided by the
-world size is one device's rate when the ranks run in lockstep, as data parallelism does.
+bf16 peak (``GPUS``: H100 SXM and H200: 989 TFLOP/s, H100 PCIe: 756, H100/H200 NVL: 835, A100: 312).
+Rank 0's tokens/s divided by the world size is one device's rate when the ranks run in lockstep, as
+data parallelism does.
 """
 from __future__ import annotations
 
@@ -18,25 +19,50 @@ import collections
 import json
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-# Dense bf16 tensor-core peaks (no structured sparsity), FLOP/s, matched against the CUDA device name
-# in this order: the PCIe H100 ("NVIDIA H100 PCIe") has fewer SMs and a lower clock than the SXM one.
-_PEAKS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12}
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    """as tables print it"""
+    match: str
+    """substring of ``torch.cuda.get_device_name`` that identifies the card"""
+    peak_bf16: float
+    """dense bf16 tensor-core peak (no structured sparsity), FLOP/s, from NVIDIA's datasheets"""
+    memory_gib: float
+    """total memory as nvidia-smi reports it (MiB / 1024)"""
+
+
+# ``hybrid-lm plan --gpu KEY``. Matched against the device name in this order: the NVL and PCIe cards
+# name themselves "H100 NVL" / "H100 PCIe" and have lower clocks than the SXM one ("H100 80GB HBM3");
+# the A100's 40 and 80 GB variants share one peak, so the first A100 entry serves the name match.
+GPUS: dict[str, GpuSpec] = {
+    "h200-nvl": GpuSpec("H200 NVL", "H200 NVL", 835e12, 143771 / 1024),
+    "h200": GpuSpec("H200 SXM", "H200", 989e12, 143771 / 1024),
+    "h100-nvl": GpuSpec("H100 NVL", "H100 NVL", 835e12, 95830 / 1024),
+    "h100-pcie": GpuSpec("H100 PCIe", "H100 PCIe", 756e12, 81559 / 1024),
+    "h100": GpuSpec("H100 SXM", "H100", 989e12, 81559 / 1024),
+    "a100": GpuSpec("A100 80GB", "A100", 312e12, 81920 / 1024),
+    "a100-40gb": GpuSpec("A100 40GB", "A100", 312e12, 40960 / 1024),
+}
+
+
+def gpu_spec(device: torch.device) -> Optional[GpuSpec]:
+    """The table entry of a CUDA device by name; None on CPU or an unknown card."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((spec for spec in GPUS.values() if spec.match in name), None)
 
 
 def peak_flops(device: torch.device) -> Optional[float]:
     """The dense bf16 peak of a CUDA device by name; None on CPU or an unknown card."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in _PEAKS.items():
-        if key in name:
-            return value
-    return None
+    spec = gpu_spec(device)
+    return spec.peak_bf16 if spec else None
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak: Optional[float]) -> Optional[float]:

@@ -88,6 +88,20 @@ class ZeroEngine(DeepSpeedFiles):
         # ZeRO-0 in fp32 clips with a norm it then discards; measure it ourselves when asked
         self._own_norm = not reports_grad_norm(ds_engine)
 
+    #: ``train.state_passing``'s carrier (train/state_passing.py), attached by the loop; its states
+    #: travel with the checkpoint so that a resume is exact
+    state_passing: Any = None
+
+    def save(self, directory: Path) -> None:
+        super().save(directory)
+        if self.state_passing is not None:
+            self.state_passing.save(directory, D.dist.get_rank())
+
+    def load(self, directory: Path) -> None:
+        super().load(directory)
+        if self.state_passing is not None:
+            self.state_passing.load(directory, D.dist.get_rank(), self.device)
+
     def forward_backward(self, batches: Sequence[Batch], *, nan_loss: bool = False) -> StepStats:
         if len(batches) != self.micro_batches:
             raise ValueError(f"forward_backward: {len(batches)} micro-batches, the engine was built for {self.micro_batches}")

@@ -35,6 +35,9 @@ class Layer(nn.Module):
 
     #: True when the layer carries state across tokens beyond what ``x`` holds (caches, SSM state).
     stateful: bool = False
+    #: True when that state has a fixed size (an SSM state, not a growing cache), so training may
+    #: carry it from batch to batch (``train.state_passing``, train/state_passing.py)
+    state_passing: bool = False
 
     def forward(  # type: ignore[override]
         self,

@@ -31,6 +31,9 @@ from hybrid_lm.models.mamba2.norm import GatedRMSNorm
 
 class Mamba2(Layer):
     stateful = True
+    state_passing = True
+    #: what ``train.state_passing: noise`` draws; the conv state holds past inputs and stays zero
+    noise_state_keys = ("ssm",)
 
     def __init__(
         self,

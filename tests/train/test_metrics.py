@@ -87,7 +87,8 @@ def test_peak_flops_by_device_name(monkeypatch):
     assert peak_flops(torch.device("cpu")) is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for name, expected in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
-                           ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100-PCIE-40GB", 312e12), ("Tesla T4", None)]:
+                           ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100-PCIE-40GB", 312e12), ("Tesla T4", None),
+                           ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200 NVL", 835e12)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
         assert peak_flops(torch.device("cuda", 0)) == expected, name
 
