@@ -28,7 +28,6 @@ from torch import nn
 
 from hybrid_lm.train import distributed as D
 from hybrid_lm.train.activation_checkpointing import apply_activation_checkpointing
-from hybrid_lm.train.activation_checkpointing import apply_activation_checkpointing
 from hybrid_lm.train.build import LoaderFactory, build_model, check_tokenizer_fits, default_loader_factory, tokenizer_file
 from hybrid_lm.train.checkpoint import manager
 from hybrid_lm.train.checkpoint.state import TrainerState
@@ -97,8 +96,6 @@ def build_engine(model: nn.Module, cfg: JobConfig, info: D.DistInfo) -> Engine:
         mpu, data_parallel = DeepSpeedMPU(groups), groups.dp_size
         if info.is_main and par.pipeline_parallel == 1:
             print(f"[tensor-parallel] {groups.tp_size} tensor parallel x {groups.dp_size} data parallel", flush=True)
-    # after tensor parallelism (torchtitan's order), before an engine keeps its share of the blocks
-    apply_activation_checkpointing(model, par.activation_checkpointing, par.activation_checkpointing_layers)
     # after tensor parallelism (torchtitan's order), before an engine keeps its share of the blocks
     apply_activation_checkpointing(model, par.activation_checkpointing, par.activation_checkpointing_layers)
     if par.pipeline_parallel > 1:

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from hybrid_lm.train.activation_checkpointing import check_layers
-from hybrid_lm.train.activation_checkpointing import check_layers
 from hybrid_lm.typed_config import ConfigError
 
 
@@ -37,13 +36,6 @@ class ParallelConfig:
     """offload optimizer state to CPU (ZeRO >= 1)"""
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     """auto: bf16 on CUDA, fp32 on CPU"""
-    activation_checkpointing: Literal["none", "full", "selective"] = "none"
-    """recompute block activations in the backward pass instead of storing them
-    (``train/activation_checkpointing.py``): every block (full) or the blocks whose letter is in
-    ``activation_checkpointing_layers`` (selective); exact, costs about one more forward per step"""
-    activation_checkpointing_layers: str = ""
-    """layer letters to checkpoint with ``activation_checkpointing=selective``, e.g. "M" or "CX"; each must
-    occur in model.layer_pattern"""
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     """recompute block activations in the backward pass instead of storing them
     (``train/activation_checkpointing.py``): every block (full) or the blocks whose letter is in
@@ -75,7 +67,6 @@ class ParallelConfig:
             raise ConfigError(f"parallel.timeout_s: must be > 0, got {self.timeout_s}")
         if self.tensor_parallel < 1:
             raise ConfigError(f"parallel.tensor_parallel: must be >= 1, got {self.tensor_parallel}")
-        check_layers(self.activation_checkpointing, self.activation_checkpointing_layers)
         check_layers(self.activation_checkpointing, self.activation_checkpointing_layers)
         self._check_pipeline()
         self._check_tensor_parallel()
