@@ -49,3 +49,10 @@ def adapt_init_state(config: ModelConfig, state: dict[str, torch.Tensor]) -> tup
             own = {k for k in HMTLM(config).state_dict() if not k.startswith("backbone.")}
         return {f"backbone.{k}": v for k, v in state.items()}, own
     return state, set()
+
+
+def tied_keys(config: ModelConfig) -> tuple[str, str]:
+    """(embedding, LM head) weight names of ``config``'s model: a tied head is saved once, under the
+    embedding's name, and restored from it."""
+    prefix = "backbone." if config.kind == "hmt" else ""
+    return f"{prefix}embed.weight", f"{prefix}lm_head.weight"

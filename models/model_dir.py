@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hybrid_lm.models.config import ModelConfig
-from hybrid_lm.models.hybrid import HybridLM
+from hybrid_lm.models.kinds import build_lm, tied_keys
 from hybrid_lm.typed_config import from_dict, to_dict
 
 WEIGHTS = "model.safetensors"
@@ -96,7 +96,7 @@ def save_model_dir(out: Path, config: ModelConfig, state_dict: dict[str, torch.T
     prepare_out_dir(out, force)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     if config.tie_embeddings:
-        tensors.pop("lm_head.weight", None)
+        tensors.pop(tied_keys(config)[1], None)
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
     (out / CONFIG).write_text(json.dumps(to_dict(config), indent=2) + "\n")
     if tokenizer_dir is not None and (Path(tokenizer_dir) / TOKENIZER).is_file():
@@ -129,16 +129,18 @@ def load_model_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Op
         raise ExportError(f"{path}: not a model-only directory (needs {CONFIG} and {WEIGHTS})")
     config = from_dict(ModelConfig, read_json_object(path / CONFIG), "model")
     state = read_safetensors(path / WEIGHTS)
-    if config.tie_embeddings and "lm_head.weight" not in state and "embed.weight" in state:
-        state["lm_head.weight"] = state["embed.weight"]
+    embed, head = tied_keys(config)
+    if config.tie_embeddings and head not in state and embed in state:
+        state[head] = state[embed]
     check_state_dict(config, state)
     return config, state, path if (path / TOKENIZER).is_file() else None
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of ``HybridLM(config).state_dict()``, built on the meta device (no memory)."""
+    """Names and shapes of the state dict of the model ``config`` describes, built on the meta
+    device (no memory)."""
     with torch.device("meta"):
-        model = HybridLM(config)
+        model = build_lm(config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -147,7 +149,7 @@ def check_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -
     expected = expected_shapes(config)
     have = set(state_dict)
     if config.tie_embeddings:
-        have.add("lm_head.weight")
+        have.add(tied_keys(config)[1])
     missing = sorted(set(expected) - have)
     unexpected = sorted(have - set(expected))
     wrong = [f"{k}: {tuple(state_dict[k].shape)} != {expected[k]}" for k in sorted(set(expected) & set(state_dict))

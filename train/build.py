@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from hybrid_lm.models.config import ModelConfig
-from hybrid_lm.models.hybrid import HybridLM
+from hybrid_lm.models.kinds import adapt_init_state, build_lm
 from hybrid_lm.models.model_dir import load_model_dir
 from hybrid_lm.train.checkpoint import layout
 
@@ -85,16 +85,18 @@ def _init_state_dict(source: Path, model_cfg: ModelConfig) -> dict[str, torch.Te
     return state
 
 
-def build_model(model_cfg: ModelConfig, *, seed: int, init_from: Optional[str], resuming: bool) -> HybridLM:
-    """The model with identical weights on every rank: seeded init, then ``init_from`` weights
-    unless a checkpoint is about to overwrite them anyway."""
+def build_model(model_cfg: ModelConfig, *, seed: int, init_from: Optional[str], resuming: bool) -> torch.nn.Module:
+    """The model of ``model_cfg``'s kind (``models/kinds.py``) with identical weights on every rank:
+    seeded init, then ``init_from`` weights unless a checkpoint is about to overwrite them anyway
+    (an HMT model also takes a plain stack's weights as its backbone)."""
     seed_everything(seed)
-    model = HybridLM(model_cfg)
+    model = build_lm(model_cfg)
     if init_from and not resuming:
-        state = _init_state_dict(Path(init_from), model_cfg)
+        state, may_stay = adapt_init_state(model_cfg, _init_state_dict(Path(init_from), model_cfg))
         missing, unexpected = model.load_state_dict(state, strict=False)
         # tied embeddings appear under one or both names depending on who saved them
-        missing = [k for k in missing if not (k == "lm_head.weight" and model_cfg.tie_embeddings)]
+        missing = [k for k in missing if not (k.endswith("lm_head.weight") and model_cfg.tie_embeddings)
+                   and k not in may_stay]
         if missing or unexpected:
             raise RuntimeError(f"train.init_from={init_from}: missing keys {missing[:5]}, unexpected {unexpected[:5]}")
     # the loader and every later draw start from the same streams whether or not weights were loaded

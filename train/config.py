@@ -18,6 +18,7 @@ from typing import Literal, Optional, Sequence
 from hybrid_lm.data.config import DataConfig
 from hybrid_lm.models.config import ModelConfig
 from hybrid_lm.train.activation_checkpointing import check_activation_checkpointing
+from hybrid_lm.train.activation_checkpointing import check_activation_checkpointing
 from hybrid_lm.train.checkpoint.manager import CheckpointConfig
 from hybrid_lm.train.evaluation import EvalConfig, resolve_hooks
 from hybrid_lm.train.optim import OptimConfig
@@ -115,8 +116,11 @@ class JobConfig:
         check_tensor_parallel(self.model, self.parallel.tensor_parallel)
         check_activation_checkpointing(self.model, self.parallel.activation_checkpointing,
                                        self.parallel.activation_checkpointing_layers)
+        check_activation_checkpointing(self.model, self.parallel.activation_checkpointing,
+                                       self.parallel.activation_checkpointing_layers)
         check_state_passing(self)  # row streams for carry, a carried layer, no model parallelism
         self._check_recursion()
+        self._check_hmt()
 
     def _check_recursion(self) -> None:
         loops = self.model.recursion.loops
@@ -129,6 +133,17 @@ class JobConfig:
             if degree > 1:
                 raise ConfigError(f"parallel.{key}: {degree} is not supported with model.recursion.loops={loops} "
                                   "(a looped model trains with data parallelism / ZeRO only)")
+
+    def _check_hmt(self) -> None:
+        if self.model.hmt is None:
+            return
+        # the HMT wrapper runs its backbone once per segment on re-batched documents; the layer
+        # splits (TP), stage cuts (PP) and sequence shards (CP) are written for one pass of the stack
+        for key in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+            degree = getattr(self.parallel, key, 1)
+            if degree > 1:
+                raise ConfigError(f"parallel.{key}: {degree} is not supported with model.hmt (an HMT model trains "
+                                  "with data parallelism / ZeRO only)")
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -24,7 +24,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from hybrid_lm.models.hybrid import HybridLM
+    from hybrid_lm.models.kinds import build_lm
     from hybrid_lm.train.build import default_loader_factory
     from hybrid_lm.train.checkpoint import CheckpointError, load_model_state
     from hybrid_lm.train.config import job_config_from_dict
@@ -38,7 +38,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"hybrid-lm eval: {exc}", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = HybridLM(loaded.model_config)
+    model = build_lm(loaded.model_config)
     model.load_state_dict(loaded.state_dict)
     model.to(device).eval()
     make_loader = default_loader_factory(cfg.data)

@@ -275,6 +275,68 @@ class HMTLM(nn.Module):
                                  [last[r].states for r in range(len(rows))])
         return ModelOutput(logits=logits, loss=loss, states=new_state)  # type: ignore[arg-type]
 
+    # -- generation ---------------------------------------------------------------------------
+
+    def _open_segment(self, text: torch.Tensor, cache: torch.Tensor, sensory: torch.Tensor,
+                      states: Optional[States]) -> tuple[torch.Tensor, torch.Tensor, States]:
+        """Start decoding a segment whose first tokens' embeddings are ``text`` (B, l, D), after
+        ``cache`` (B, n, D) and ``sensory`` (B, k', D): the memory token P (B, D) from the tokens
+        present, then the main pass [P ; sensory ; text] -> (logits at the last token (B, V), P,
+        backbone states to decode on)."""
+        rows = range(text.shape[0])
+        streams = [_Stream(r, 0, 0, cache[r], sensory[r], None) for r in rows]
+        p = torch.stack(self.memory_tokens(streams, [text[r] for r in rows]))
+        x = torch.cat([p[:, None], sensory, text], 1)
+        pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        hidden, new_states = self.backbone.hidden_states(x, position_ids=pos, states=states, return_states=True)
+        return self.backbone.lm_head(hidden[:, -1]), p, new_states
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Segment-by-segment prefill, then token-by-token decoding; greedy when temperature == 0.
+
+        input_ids (B, T >= 1) -> (B, T + max_new_tokens). The prompt's complete segments run through
+        ``forward`` (cache and sensory memory); the segment holding its last token stays open: its
+        memory token is recalled from the tokens it has when it opens (so the first new token's
+        logits are ``forward``'s at the last prompt token), and the backbone decodes with its states.
+        A full segment is closed by stepping its trailing memory token, whose hidden state enters
+        the cache; the next token opens a new segment (the reference's generation loop)."""
+        hmt, (b, t) = self.hmt, input_ids.shape
+        length = hmt.text_length
+        closed = (t - 1) // length * length
+        empty = self.backbone.embed.weight.new_zeros(b, 0, self.config.d_model)
+        cache, sensory, carried = empty, empty, None
+        if closed:
+            state: HMTState = self(input_ids[:, :closed], return_states=True).states  # type: ignore[assignment]
+            cache, sensory = torch.stack(state.cache), torch.stack(state.sensory)
+            if self.carries_backbone_state:
+                carried = self._stack_states(state.backbone, cache)
+        text = self.backbone.embed(input_ids[:, closed:])
+        logits, p, states = self._open_segment(text, cache, sensory, carried)
+        tokens = [input_ids]
+        for i in range(max_new_tokens):
+            if temperature > 0:
+                probs = torch.softmax(logits.float() / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            else:
+                nxt = logits.argmax(dim=-1)
+            tokens.append(nxt[:, None])
+            if i + 1 == max_new_tokens:
+                break
+            new = self.backbone.embed(nxt)[:, None]
+            if text.shape[1] < length:
+                text = torch.cat([text, new], 1)
+                logits, states = self.backbone.step(nxt, states)
+                continue
+            memory, states = self.backbone.step_hidden(p, states)  # close the full segment
+            cache = torch.cat([cache, memory[:, None]], 1)[:, -hmt.cache_size:]
+            sensory = text[:, text.shape[1] - hmt.sensory_tokens:] if hmt.sensory_tokens else empty
+            carried = [s if keep else None for s, keep in zip(states, self._carried)] if self.carries_backbone_state else None
+            text = new
+            logits, p, states = self._open_segment(text, cache, sensory, carried)
+        return torch.cat(tokens, dim=1)
+
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per text token: the main pass over ``segment_length`` positions and the summary
         pass over j + 2 per ``text_length`` tokens, at the backbone's per-token cost for that length,

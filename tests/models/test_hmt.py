@@ -170,3 +170,26 @@ def test_stage_one_passes_the_previous_memory_embedding():
 def test_bad_hmt_values_fail_naming_the_key(hmt, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         from_dict(ModelConfig, {"d_model": 32, "layer_pattern": "A-", "hmt": hmt}, "model")
+
+
+@pytest.mark.parametrize("pattern,carry", [("A-M-", False), ("M-A-", True)], ids=["paper", "carry-mamba-state"])
+def test_generation_decodes_the_open_segment_as_forward_does(pattern, carry):
+    """Greedy generation equals re-running ``forward`` on the text so far and taking the argmax at
+    the end, token by token, as long as every segment's memory token is recalled from the tokens
+    it has when it opens: here with summary_fraction 0 (the summary reads no text tokens)."""
+    model = make(pattern, carry_backbone_state=carry, summary_fraction=0.0)
+    for prompt_len in (1, 6, 9):
+        ids = torch.randint(0, V, (2, prompt_len))
+        out = model.generate(ids, 15)
+        assert out.shape == (2, prompt_len + 15) and torch.equal(out[:, :prompt_len], ids)
+        for t in range(prompt_len, prompt_len + 15):
+            assert torch.equal(model(out[:, :t]).logits[:, -1].argmax(-1), out[:, t]), (prompt_len, t)
+
+
+def test_generation_opens_a_segment_with_its_first_tokens_summary():
+    """With the default summary fraction, the first generated token is forward's argmax at the
+    prompt's last token (the open segment's memory token is recalled from the prompt's part)."""
+    model = make("A-")
+    ids = torch.randint(0, V, (1, 16))  # two closed segments, the third open with 4 tokens
+    out = model.generate(ids, 1)
+    assert torch.equal(out[:, -1], model(ids).logits[:, -1].argmax(-1))
