@@ -19,6 +19,7 @@ from hybrid_lm.data.config import DataConfig
 from hybrid_lm.models.config import ModelConfig
 from hybrid_lm.train.activation_checkpointing import check_activation_checkpointing
 from hybrid_lm.train.checkpoint.manager import CheckpointConfig
+from hybrid_lm.train.context_parallel.apply import check_context_parallel
 from hybrid_lm.train.evaluation import EvalConfig, resolve_hooks
 from hybrid_lm.train.optim import OptimConfig
 from hybrid_lm.train.parallelize import ParallelConfig
@@ -113,6 +114,8 @@ class JobConfig:
         check_pipeline(self.model, self.parallel.pipeline_parallel)  # the pattern can make the stages
         # heads, groups, MLP width, vocab: each family's requirements
         check_tensor_parallel(self.model, self.parallel.tensor_parallel)
+        # slices divide the sequence, Ulysses heads, a CP forward for every stateful letter
+        check_context_parallel(self.model, self.data.seq_len, self.parallel)
         check_activation_checkpointing(self.model, self.parallel.activation_checkpointing,
                                        self.parallel.activation_checkpointing_layers)
         check_state_passing(self)  # row streams for carry, a carried layer, no model parallelism

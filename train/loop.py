@@ -105,7 +105,9 @@ def build_engine(model: nn.Module, cfg: JobConfig, info: D.DistInfo) -> Engine:
                               seq_len=cfg.data.seq_len, grad_clip=cfg.train.grad_clip, device=info.device,
                               groups=groups)
     loss = None
-    if groups is not None:  # the training loss from the vocabulary-sharded logits, never the gathered ones
+    if par.context_parallel > 1:
+        groups, mpu, data_parallel, loss = _context_parallel(model, cfg, info)
+    elif groups is not None:  # the training loss from the vocabulary-sharded logits, never the gathered ones
         from hybrid_lm.train.tensor_parallel import VocabParallelLoss
 
         loss = VocabParallelLoss(model)
@@ -114,6 +116,26 @@ def build_engine(model: nn.Module, cfg: JobConfig, info: D.DistInfo) -> Engine:
                             world_size=data_parallel, grad_clip=cfg.train.grad_clip, device=info.device, mpu=mpu)
     return ZeroEngine(ds_engine, optimizer, micro_batches=par.gradient_accumulation, device=info.device, groups=groups,
                       loss=loss)
+
+
+def _context_parallel(model: nn.Module, cfg: JobConfig, info: D.DistInfo) -> tuple:
+    """Megatron's CP groups, the model's layers given their CP forwards, DeepSpeed's mpu averaging
+    over data x context, and the loss of the whole sequence from this rank's slice
+    (``train/context_parallel/apply.py``). Returns (groups, mpu, gradient-group size, loss)."""
+    from hybrid_lm.train.context_parallel.apply import ContextParallelLoss, apply_context_parallel, context_parallel_of
+    from hybrid_lm.train.process_groups import DeepSpeedMPU, init_process_groups
+
+    par = cfg.parallel
+    try:
+        groups = init_process_groups(context_parallel=par.context_parallel, timeout_s=par.timeout_s)
+    except ValueError as exc:  # a world size the degree does not divide: the launch, not the code
+        raise ConfigError(str(exc)) from exc
+    cp = context_parallel_of(groups, cfg.data.seq_len, par.context_parallel_layout)
+    runtime = apply_context_parallel(model, cp, attention=par.context_parallel_attention)
+    if info.is_main:
+        print(f"[context-parallel] {groups.cp_size} context parallel ({par.context_parallel_layout}, attention "
+              f"{par.context_parallel_attention}) x {groups.dp_size} data parallel", flush=True)
+    return groups, DeepSpeedMPU(groups), groups.dp_size * groups.cp_size, ContextParallelLoss(runtime)
 
 
 def _periodic_eval_due(cfg: EvalConfig, step: int) -> bool:

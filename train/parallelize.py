@@ -55,6 +55,15 @@ class ParallelConfig:
     """micro-batches each pipeline runs per optimizer step with ``pipeline_parallel > 1`` (more fill
     the pipeline better: the idle bubble is (stages-1)/(micro-batches+stages-1) of a step); None means
     ``gradient_accumulation``"""
+    context_parallel: int = 1
+    """ranks that split each sequence (``train/context_parallel/``): every layer runs on its slice and is
+    exact (attention gathers keys, recurrent layers pass their state); data parallel over the rest"""
+    context_parallel_layout: Literal["contiguous", "zigzag"] = "contiguous"
+    """contiguous: rank r holds slice r of N; zigzag: slices r and 2N-1-r of 2N (equal causal-attention
+    work on every rank); data.seq_len must divide by the number of slices"""
+    context_parallel_attention: Literal["allgather", "ulysses"] = "allgather"
+    """allgather: local queries, all-gathered K/V (any head count); ulysses: all-to-all sequence <-> heads
+    (needs model.attention.n_heads divisible by context_parallel)"""
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -70,6 +79,24 @@ class ParallelConfig:
         check_layers(self.activation_checkpointing, self.activation_checkpointing_layers)
         self._check_pipeline()
         self._check_tensor_parallel()
+        self._check_context_parallel()
+
+    def _check_context_parallel(self) -> None:
+        cp = self.context_parallel
+        if cp < 1:
+            raise ConfigError(f"parallel.context_parallel: must be >= 1, got {cp}")
+        if cp == 1:
+            return
+        # only what the tests train at CP > 1: ZeRO 0-2 over the data x context group, no TP/PP/offload
+        for key in ("tensor_parallel", "pipeline_parallel"):
+            if getattr(self, key) > 1:
+                raise ConfigError(f"parallel.context_parallel: {cp} cannot be combined with parallel.{key}="
+                                  f"{getattr(self, key)} yet")
+        if self.zero_stage == 3:
+            raise ConfigError(f"parallel.zero_stage: 3 cannot be combined with parallel.context_parallel={cp} "
+                              "(use zero_stage 0, 1 or 2)")
+        if self.cpu_offload:
+            raise ConfigError(f"parallel.cpu_offload: not supported with parallel.context_parallel={cp}")
 
     def _check_tensor_parallel(self) -> None:
         tp = self.tensor_parallel

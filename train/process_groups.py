@@ -141,17 +141,20 @@ class DeepSpeedMPU:
     def get_pipeline_model_parallel_rank(self) -> int:
         return 0
 
+    # DeepSpeed averages gradients (and shards ZeRO state) over its "data parallel" group: with
+    # context parallelism that is data x context (``grad_group``), whose ranks all hold the same
+    # weights. The data loader does not ask the mpu: it splits by ``groups.dp_rank`` (train/zero_engine.py).
     def get_data_parallel_group(self) -> Any:
-        return self.groups.dp_group
+        return self.groups.grad_group
 
     def get_data_parallel_rank(self) -> int:
-        return self.groups.dp_rank
+        return dist.get_rank(self.groups.grad_group)
 
     def get_data_parallel_world_size(self) -> int:
-        return self.groups.dp_size
+        return dist.get_world_size(self.groups.grad_group)
 
     def get_data_parallel_group_ranks(self) -> list[int]:
-        return dist.get_process_group_ranks(self.groups.dp_group)
+        return dist.get_process_group_ranks(self.groups.grad_group)
 
 
 def destroy_process_groups() -> None:

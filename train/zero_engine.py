@@ -64,11 +64,13 @@ class ZeroEngine(DeepSpeedFiles):
     ``tensor_parallel.apply_tensor_parallel`` and DeepSpeed given them as ``mpu``) the data
     parallelism is over ``groups.dp_group``: the ranks of one TP group read the same data shard,
     compute the same loss, and only TP rank 0 reports it, so the loop's all-reduce counts each
-    data-parallel replica's losses and tokens once.
+    data-parallel replica's losses and tokens once. Context parallelism (``groups.cp_size > 1``)
+    likewise: the ranks of a CP group read the same batch, each runs its slice, and DeepSpeed
+    averages gradients over data x context (``DeepSpeedMPU``).
 
-    ``loss`` (``tensor_parallel.VocabParallelLoss`` under TP), when given, computes each
-    micro-batch's training loss from the module, the input ids and the batch's keyword arguments,
-    in place of the model's own ``ModelOutput.loss``."""
+    ``loss`` (``tensor_parallel.VocabParallelLoss`` under TP, ``context_parallel.apply.ContextParallelLoss``
+    under CP), when given, computes each micro-batch's training loss from the module, the input ids
+    and the batch's keyword arguments, in place of the model's own ``ModelOutput.loss``."""
 
     def __init__(self, ds_engine: Any, optimizer: SkippableAdamW, *, micro_batches: int, device: torch.device,
                  groups: Any = None, loss: Optional[Callable[..., torch.Tensor]] = None) -> None:
@@ -77,11 +79,14 @@ class ZeroEngine(DeepSpeedFiles):
         self.module = ds_engine.module
         self.micro_batches = micro_batches
         tp = groups.tp_size if groups is not None else 1
+        cp = groups.cp_size if groups is not None else 1
         self._tp_group = groups.tp_group if tp > 1 else None
-        self._reports = groups is None or groups.tp_rank == 0
-        if tp > 1:
+        # the ranks of a CP group compute one loss of the whole sequence (context_parallel/apply.py)
+        # on the tokens of one batch: CP rank 0 reports it, with the whole batch's token count
+        self._reports = groups is None or (groups.tp_rank == 0 and groups.cp_rank == 0)
+        if tp > 1 or cp > 1:
             self.data_rank, self.data_size = groups.dp_rank, groups.dp_size
-            self.checkpoint_layout = {"tensor_parallel": tp}
+            self.checkpoint_layout = {k: v for k, v in (("tensor_parallel", tp), ("context_parallel", cp)) if v > 1}
         else:
             self.data_rank, self.data_size = D.dist.get_rank(), D.dist.get_world_size()
             self.checkpoint_layout = {}

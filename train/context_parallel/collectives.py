@@ -9,7 +9,8 @@ gloo and NCCL both implement on subgroups, so the same code runs in the tests an
 Shapes: ``gather(x)`` stacks the N ranks' ``x`` on a new leading dim, (N, *x.shape), in group-rank
 order; its backward sums the gradients of every rank's copy (reduce-scatter). ``all_to_all(x)``
 takes (N, ...) and returns (N, ...) where row j came from group rank j (row ``rank`` of its
-input); it is its own adjoint, so the backward is the same exchange.
+input); it is its own adjoint, so the backward is the same exchange. ``all_reduce(x)`` sums, and
+its backward sums the gradients (torch's own autograd all-reduce is deprecated).
 """
 from __future__ import annotations
 
@@ -52,6 +53,27 @@ class _AllToAll(torch.autograd.Function):
         out = torch.empty_like(grad, memory_format=torch.contiguous_format)
         dist.all_to_all_single(out, grad.contiguous(), group=ctx.group)
         return out, None
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        out = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=ctx.group)
+        return out, None
+
+
+def all_reduce(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """The sum of every rank's x, differentiable: each rank's x gets the sum of every rank's
+    gradient of the result (the result feeds the same loss on every rank)."""
+    return _AllReduce.apply(x, group)
 
 
 def gather(x: torch.Tensor, group: Any) -> torch.Tensor:
