@@ -168,7 +168,7 @@ def _train(cfg: JobConfig, info: D.DistInfo, make_loader: Optional[LoaderFactory
     if resume_from is not None:
         state, loader_state, rng = manager.restore(engine, resume_from, rank=info.rank, world_size=info.world_size,
                                                    tokenizer_file=tok, allow_tokenizer_change=cfg.checkpoint.allow_tokenizer_change)
-        loader.load_state_dict(loader_state)
+        loader.load_state_dict(manager.loader_state(loader, loader_state))
         if info.is_main:
             print(f"[train] resumed from {resume_from} at step {state.step}", flush=True)
     lr_at = build_lr_schedule(cfg.schedule, cfg.train.steps, cfg.optim.lr)

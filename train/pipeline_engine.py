@@ -50,7 +50,8 @@ from hybrid_lm.models.hybrid import HybridLM, ModelOutput
 from hybrid_lm.train.engine import Batch, StepStats
 from hybrid_lm.train.optim import OptimConfig, build_optimizer
 from hybrid_lm.train.parallelize import ParallelConfig, parallelize
-from hybrid_lm.train.pipeline import Bounds, describe, lm_loss, pipeline_layers, spec_bounds, stage_bounds
+from hybrid_lm.train.pipeline import (Bounds, describe, lm_loss, pipeline_layers, spec_bounds, stage_bounds,
+                                      state_dict_names)
 from hybrid_lm.train.zero_engine import DeepSpeedFiles
 from hybrid_lm.typed_config import ConfigError
 
@@ -85,6 +86,7 @@ class PipelineEngine(DeepSpeedFiles):
         data_parallel = world // (stages * tp)
         self.device, self.micro_batches = device, cfg.micro_batches
         self.bounds: Bounds = stage_bounds(model, stages, seq_len)
+        self._n_blocks = model.config.n_blocks
         split = describe(model.config.block_pattern, self.bounds)
         self.checkpoint_layout = {"pipeline_parallel": stages, "pipeline_stages": split}
         if tp > 1:
@@ -113,6 +115,18 @@ class PipelineEngine(DeepSpeedFiles):
             print(f"[pipeline] {stages} stages x {data_parallel} data parallel"
                   f"{f' x {tp} tensor parallel' if tp > 1 else ''}: {split} "
                   f"({self.micro_batches} micro-batches per step)", flush=True)
+
+    def hybrid_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """This stage's parameters under ``HybridLM``'s names (the tied embedding/head as
+        ``embed.weight`` on both stages that hold it), for resharding a checkpoint."""
+        out = []
+        for name, p in self._pipe.named_parameters():
+            if name.startswith("tied_modules."):
+                out.append((name.split(".", 2)[2], p))  # tied_modules.<key>.<EmbedLayer's names>
+            else:
+                layer, key = name.split(".", 1)
+                out.append((state_dict_names(int(layer), self._n_blocks, key), p))
+        return out
 
     def load(self, directory: Path) -> None:
         with torch.no_grad():  # DeepSpeed re-broadcasts the tied weight in place after loading (see __init__)

@@ -61,6 +61,15 @@ class SyntheticLoader:
     def load_state_dict(self, state: dict) -> None:
         self.cursor = int(state["cursor"])
 
+    def remap_state_dicts(self, states: list) -> dict:
+        """This rank's state from those of another data-parallel size (one per old rank): the old
+        ranks consumed global batches [0, cursor * old world), which this layout continues."""
+        cursors = {int(s["cursor"]) for s in states}
+        consumed = cursors.pop() * len(states)
+        if cursors or consumed % self.world_size:
+            raise ValueError(f"cannot remap cursors {[s['cursor'] for s in states]} to {self.world_size} ranks")
+        return {"cursor": consumed // self.world_size}
+
 
 def factory(**kwargs):
     """A LoaderFactory for ``train(cfg, make_loader=...)``."""

@@ -6,8 +6,9 @@
 point leaves either the previous state or a directory that never counts.
 
 ``restore(...)`` picks the newest checkpoint that verifies (rank 0 decides, everyone follows),
-refuses a changed world size, parallel layout or tokenizer with a message that says so, and loads
-the model and optimiser through the engine (train/engine.py; the DeepSpeed engines load every ZeRO
+refuses a changed tokenizer with a message that says so, and loads the model and optimiser
+through the engine; a checkpoint of another world size or parallel layout is resharded
+(checkpoint/reshard.py: weights, AdamW state, loader cursors carried over) or refused saying why (train/engine.py; the DeepSpeed engines load every ZeRO
 stage). DeepSpeed's own files are read by DeepSpeed (``torch.load``) only *after* their sha256
 matched the marker we wrote, and only weights-only with a minimal allowlist (safe_load.py): the
 marker proves integrity, not origin.
@@ -83,7 +84,10 @@ def save(engine: Engine, root: Path, state: TrainerState, *, rank: int, world_si
     try:
         with layout.writing(tmp):
             engine.save(tmp)
-            save_rank_state(tmp, rank, loader_state, {"world_size": world_size, "step": state.step})
+            from hybrid_lm.train.checkpoint import reshard
+
+            save_rank_state(tmp, rank, loader_state, {"world_size": world_size, "step": state.step,
+                                                      "shards": reshard.describe(engine)})
             if rank == 0:
                 with layout.writing(tmp / "trainer.json"):
                     (tmp / "trainer.json").write_text(json.dumps(state.to_json(), sort_keys=True))
@@ -192,30 +196,57 @@ def restore(engine: Engine, ckpt: Path, *, rank: int, world_size: int, tokenizer
     """Load model/optimiser into ``engine``; returns (trainer state, this rank's loader state,
     this rank's RNG state to hand to ``restore_rng`` once everything else is built)."""
     meta = json.loads((ckpt / layout.MARKER).read_text())
-    if meta["world_size"] != world_size:
-        raise layout.CheckpointError(
-            f"{ckpt}: saved with {meta['world_size']} data-parallel ranks, now {world_size}; the per-rank "
-            "data-loader cursors cannot be remapped. Resume with the same world size, or start a new run "
-            "with train.init_from to take only the weights.")
     saved_layout = meta.get("layout", {})
-    if saved_layout != engine.checkpoint_layout:
-        def describe(found: dict[str, Any]) -> str:
-            return ", ".join(f"{k}={v}" for k, v in sorted(found.items())) or "data parallel only"
-
-        raise layout.CheckpointError(
-            f"{ckpt}: saved with {describe(saved_layout)}, now {describe(engine.checkpoint_layout)}; resuming on "
-            "another model-parallel layout is not supported. Resume with the same layout, or start a new run "
-            "with train.init_from to take only the weights.")
+    same = saved_layout == engine.checkpoint_layout and meta["world_size"] == world_size
     saved_tok = ckpt / "tokenizer.json"
     if (not allow_tokenizer_change and saved_tok.is_file() and tokenizer_file is not None
             and tokenizer_file.is_file() and layout.sha256_file(saved_tok) != layout.sha256_file(tokenizer_file)):
         raise layout.CheckpointError(
             f"{tokenizer_file} differs from the tokenizer saved in {ckpt}; refusing to resume on different "
             "tokens (set checkpoint.allow_tokenizer_change=true to override)")
-    engine.load(ckpt)
     state = TrainerState.from_json(json.loads((ckpt / "trainer.json").read_text()))
-    rank_meta, rng_tensors = load_rank_state(ckpt, rank)
-    return state, rank_meta["loader"], (rank_meta["rng"], rng_tensors)
+    if same:
+        engine.load(ckpt)
+        rank_meta, rng_tensors = load_rank_state(ckpt, rank)
+        return state, rank_meta["loader"], (rank_meta["rng"], rng_tensors)
+    return state, *_restore_resharded(engine, ckpt, meta, rank=rank)
+
+
+def _describe_layout(found: dict[str, Any], world_size: int) -> str:
+    return ", ".join([f"world_size={world_size}", *(f"{k}={v}" for k, v in sorted(found.items()))])
+
+
+def _restore_resharded(engine: Engine, ckpt: Path, meta: dict[str, Any], *, rank: int) -> tuple[Any, tuple[dict, dict]]:
+    """Load a checkpoint of another layout (checkpoint/reshard.py); returns (this rank's loader
+    state, or every old data rank's when the data-parallel size changed; an RNG state)."""
+    from hybrid_lm.train.checkpoint import reshard
+
+    old_world = int(meta["world_size"])
+    try:
+        reshard.load(engine, ckpt, saved_world_size=old_world)
+    except layout.CheckpointError as exc:
+        now = _describe_layout(engine.checkpoint_layout, D.dist.get_world_size())
+        raise layout.CheckpointError(f"{exc} (saved with {_describe_layout(meta.get('layout', {}), old_world)}, "
+                                     f"now {now}; train.init_from takes only the weights)") from exc
+    metas = [load_rank_state(ckpt, r)[0] for r in range(old_world)]
+    loaders: dict[int, Any] = {}
+    for m in metas:
+        loaders.setdefault(m["shards"]["data_rank"], m["loader"])
+    old_data = metas[0]["shards"]["data_size"]
+    loader = loaders[engine.data_rank] if old_data == engine.data_size else [loaders[d] for d in range(old_data)]
+    # no rank of the old layout is this one; every rank's RNG streams were seeded alike
+    rng_meta, rng_tensors = load_rank_state(ckpt, rank % old_world)
+    if D.is_main():
+        print(f"[checkpoint] resharded {ckpt.name}: saved with {_describe_layout(meta.get('layout', {}), old_world)}, "
+              f"now {_describe_layout(engine.checkpoint_layout, D.dist.get_world_size())}", flush=True)
+    return loader, (rng_meta["rng"], rng_tensors)
+
+
+def loader_state(loader: Any, saved: Any) -> Any:
+    """What ``loader.load_state_dict`` takes from ``restore``'s loader state (see reshard.loader_state)."""
+    from hybrid_lm.train.checkpoint import reshard
+
+    return reshard.loader_state(loader, saved)
 
 
 def apply_rng(rng: tuple[dict, dict]) -> None:

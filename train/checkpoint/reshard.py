@@ -1,0 +1,210 @@
+"""Resume on another parallel layout: a checkpoint saved at one (tensor, pipeline, data) parallel
+layout loaded into an engine of another, model weights and AdamW state carried over.
+
+    TP=2 (2 ranks)  ->  TP=1 (1 rank)          PP=2 -> TP=2          DP=2 -> DP=1 x TP=2 ...
+
+How: our own consolidation to a layout-free form, then a re-split with the families' TP plans.
+Each rank records at save time (``describe``, in its ``rank-XXXXX.json``) where it sits (data,
+tensor and pipeline rank), the DeepSpeed file holding its optimizer, and its optimizer's parameters
+in order as ``HybridLM`` names with the ``Split`` that cut each. A resume on another layout
+(``load``) rebuilds from that, on every rank: the full weights (``consolidate``, as export does),
+the full AdamW moments of every parameter (each one's pieces from the saving TP ranks joined with
+``tensor_parallel.unshard``; a tied weight held by two stages taken once), and then gives each of
+its own parameters its piece (``tensor_parallel.shard`` with the new engine's plans). AdamW's step
+count, the trainer counters and the LR (a pure function of the step) carry over as they are;
+the data loaders' cursors are remapped by the loader (``loader_state``).
+
+Why not DeepSpeed's universal checkpoint (``ds_to_universal`` + ``load_universal_checkpoint``):
+it converts ZeRO optimizer partitions (stages 1-3) and needs the model to describe its TP slicing
+in Megatron-DeepSpeed's patterns, while our TP plans cut fused projections per component
+(``Split.sizes``, Mamba-2's z/x/B/C/dt), which those patterns cannot say, and our ZeRO-0 runs
+keep a plain torch AdamW whose state DeepSpeed saves as ``optimizer.state_dict()`` and no universal
+loader reads. The plans that cut the model are the one source of truth for re-assembling it.
+
+Limits (refused with a message naming them): ZeRO-0 in fp32 only, at save and at resume (ZeRO
+1-2 keep the moments in flat partitions; bf16 in its own optimizer's fp32 copies); the whole
+model's weights and moments are assembled on every rank (host memory for 3x the fp32 model);
+a data-parallel size change needs a loader that can remap its cursors (``remap_state_dicts``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hybrid_lm.train.checkpoint import layout, safe_load
+from hybrid_lm.train.checkpoint.manager import DS_TAG
+from hybrid_lm.train.checkpoint.state import rank_files
+
+#: AdamW's per-parameter tensors that have the parameter's shape (``step`` is a scalar)
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _tp_group(engine: Any) -> Any:
+    return getattr(engine, "_tp_group", None)
+
+
+def _named_parameters(engine: Any) -> list[tuple[str, nn.Parameter]]:
+    """The engine's trainable parameters under ``HybridLM``'s names."""
+    own = getattr(engine, "hybrid_parameters", None)
+    if own is not None:
+        return own()
+    return list(engine.module.named_parameters())
+
+
+def supported(engine: Any) -> Optional[str]:
+    """None when ``engine``'s state can be resharded, else why not."""
+    ds = getattr(engine, "_ds", None)
+    if ds is None:
+        return "the engine keeps no DeepSpeed state"
+    if ds.zero_optimization_stage() != 0:
+        return f"parallel.zero_stage={ds.zero_optimization_stage()} (resharding needs zero_stage 0)"
+    if ds.bfloat16_enabled() or ds.fp16_enabled():
+        return "bf16/fp16 training (resharding needs fp32)"
+    return None
+
+
+def describe(engine: Any) -> dict[str, Any]:
+    """What a later resume on another layout needs to know about this rank (plain JSON)."""
+    why_not = supported(engine)
+    if why_not is not None:
+        return {"unsupported": why_not}
+    group = _tp_group(engine)
+    names = {id(p): name for name, p in _named_parameters(engine)}
+    params = []
+    for group_ in engine.optimizer.param_groups:
+        for p in group_["params"]:
+            split = getattr(p, "_tp_split", None)
+            params.append([names[id(p)], None if split is None else [split.dim, list(split.sizes)]])
+    return {"data_rank": engine.data_rank, "data_size": engine.data_size,
+            "tp_rank": 0 if group is None else dist.get_rank(group),
+            "tp_size": 1 if group is None else dist.get_world_size(group),
+            "optimizer_file": Path(engine._ds._get_ckpt_name("", DS_TAG)).name, "params": params}
+
+
+def _saved_shards(ckpt: Path, world_size: int) -> list[dict[str, Any]]:
+    out = []
+    for rank in range(world_size):
+        meta = json.loads(rank_files(ckpt, rank)[0].read_text())
+        shards = meta.get("shards")
+        if shards is None:
+            raise layout.CheckpointError(f"{ckpt}: saved before resharding was supported (no layout in "
+                                         f"{rank_files(ckpt, rank)[0].name}); resume with the same layout")
+        if "unsupported" in shards:
+            raise layout.CheckpointError(f"{ckpt}: cannot be resharded: saved with {shards['unsupported']}; "
+                                         "resume with the same layout")
+        out.append(shards)
+    return out
+
+
+def _full_moments(ckpt: Path, saved: list[dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Every parameter's AdamW state at its full shape, by ``HybridLM`` name."""
+    from hybrid_lm.models.common.tp_plan import Split
+    from hybrid_lm.train.tensor_parallel import unshard
+
+    pieces: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    splits: dict[str, Any] = {}
+    tp_size = {}
+    seen_files = set()
+    ds_dir = ckpt / DS_TAG
+    safe_load.check(ds_dir)
+    with safe_load.weights_only_loads(ds_dir):
+        for shards in saved:
+            if shards["data_rank"] != 0 or shards["optimizer_file"] in seen_files:
+                continue  # data-parallel replicas hold the same state
+            seen_files.add(shards["optimizer_file"])
+            blob = torch.load(ds_dir / shards["optimizer_file"], map_location="cpu", weights_only=True)
+            opt = blob.get("optimizer")
+            if not isinstance(opt, dict) or "state" not in opt:
+                raise layout.CheckpointError(f"{ds_dir / shards['optimizer_file']}: no optimizer state to reshard")
+            indices = [i for g in opt["param_groups"] for i in g["params"]]
+            if len(indices) != len(shards["params"]):
+                raise layout.CheckpointError(f"{ds_dir / shards['optimizer_file']}: {len(indices)} optimizer "
+                                             f"parameters, the rank's record lists {len(shards['params'])}")
+            for index, (name, split) in zip(indices, shards["params"]):
+                # a tied weight held by two stages: both copies saw the same summed gradients
+                pieces.setdefault(name, {}).setdefault(shards["tp_rank"], opt["state"].get(index, {}))
+                splits[name] = None if split is None else Split(split[0], tuple(split[1]))
+                tp_size[name] = shards["tp_size"]
+    full: dict[str, dict[str, torch.Tensor]] = {}
+    for name, by_rank in pieces.items():
+        if splits[name] is not None and sorted(by_rank) != list(range(tp_size[name])):
+            raise layout.CheckpointError(f"{ckpt}: optimizer state of {name} lacks tensor-parallel ranks "
+                                         f"(has {sorted(by_rank)} of {tp_size[name]})")
+        first = by_rank[min(by_rank)]
+        if not first:
+            full[name] = {}  # never stepped
+            continue
+        state = {"step": first["step"]}
+        for key in MOMENTS:
+            state[key] = (first[key] if splits[name] is None
+                          else unshard([by_rank[r][key] for r in range(tp_size[name])], splits[name]))
+        full[name] = state
+    return full
+
+
+def load(engine: Any, ckpt: Path, *, saved_world_size: int) -> None:
+    """Load ``ckpt`` (saved at another layout) into ``engine``: weights and AdamW state. Collective
+    only in that every rank calls it; each reads the files itself."""
+    from hybrid_lm.train.checkpoint.consolidate import load_model_state
+    from hybrid_lm.train.tensor_parallel import shard
+
+    why_not = supported(engine)
+    if why_not is not None:
+        raise layout.CheckpointError(f"{ckpt}: resuming on another layout is not supported with {why_not}")
+    saved = _saved_shards(ckpt, saved_world_size)
+    weights = load_model_state(ckpt).state_dict
+    moments = _full_moments(ckpt, saved)
+    group = _tp_group(engine)
+    rank, size = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
+
+    def mine(name: str, p: nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+        split = getattr(p, "_tp_split", None)
+        piece = full if split is None else shard(full, split, rank, size)
+        if piece.shape != p.shape:
+            raise layout.CheckpointError(f"{ckpt}: {name} has shape {tuple(full.shape)}, which this layout "
+                                         f"cannot cut into this rank's {tuple(p.shape)}")
+        return piece.to(device=p.device, dtype=p.dtype)
+
+    named = _named_parameters(engine)
+    names = {id(p): name for name, p in named}
+    optimizer = engine.optimizer
+    state_dict = optimizer.state_dict()
+    new_state: dict[int, dict[str, Any]] = {}
+    index = 0
+    with torch.no_grad():
+        for group_ in optimizer.param_groups:
+            for p in group_["params"]:
+                name = names[id(p)]
+                if name not in weights or name not in moments:
+                    raise layout.CheckpointError(f"{ckpt}: holds no {name} (another model?)")
+                p.copy_(mine(name, p, weights[name]))
+                saved_state = moments[name]
+                if saved_state:
+                    new_state[index] = {"step": saved_state["step"].clone(),
+                                        **{k: mine(name, p, saved_state[k]) for k in MOMENTS}}
+                index += 1
+    state_dict["state"] = new_state
+    optimizer.load_state_dict(state_dict)
+    steps = json.loads((ckpt / layout.MARKER).read_text())["step"]
+    engine._ds.global_steps = steps  # DeepSpeed's own counter, as a same-layout load restores it
+
+
+def loader_state(loader: Any, saved: Any) -> Any:
+    """The state for ``loader`` from what ``manager.restore`` returned: one state dict (same
+    data-parallel size: the saved one of this data rank) or, after a data-parallel size change,
+    the list of every old data rank's state, which only a loader with ``remap_state_dicts`` can
+    turn into its own."""
+    if not isinstance(saved, list):
+        return saved
+    remap = getattr(loader, "remap_state_dicts", None)
+    if remap is None:
+        raise layout.CheckpointError(
+            f"the checkpoint was saved with {len(saved)} data-parallel ranks; {type(loader).__name__} cannot "
+            "remap its cursors to another data-parallel size. Resume with the same data-parallel size "
+            "(world size / (tensor_parallel x pipeline_parallel)).")
+    return remap(saved)
