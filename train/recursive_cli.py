@@ -1,4 +1,4 @@
-"""``hybrid-lm recursive init``: a pretrained model -> a relaxed recursive model dir (spec/05).
+"""``hybrid-lm recursive init``: a pretrained model -> a relaxed recursive model dir (Bae et al., ICLR 2025).
 
     hybrid-lm recursive init runs/tiny runs/tiny-rec --loops 2 --method average --lora-rank 32
     hybrid-lm train configs/tiny.yaml model.layer_pattern=... train.init_from=runs/tiny-rec

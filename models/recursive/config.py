@@ -1,4 +1,4 @@
-"""Config of the relaxed recursive transformer (Bae et al., ICLR 2025; spec/05-relaxed-recursive.md).
+"""Config of the relaxed recursive transformer (Bae et al., ICLR 2025, arXiv 2410.20672).
 
 With ``loops = L > 1`` the layer pattern describes one *shared block* of K blocks that the stack
 applies L times (unrolled depth K x L); the embedding, final norm and LM head are not looped. Each
@@ -27,7 +27,7 @@ class RecursionConfig:
     its block, e.g. ``layer.q_proj``, ``*_proj``, ``layer.*``; ``*`` = every linear (public
     re-implementations adapt all of Q, K, V, O and the MLP, the paper does not say)"""
     exit_threshold: Optional[float] = None
-    """early exit in generation (spec 5.5): after each loop the shared final norm + LM head score
+    """early exit in generation (the paper's early exit): after each loop the shared final norm + LM head score
     the next token, and a row stops looping once its top probability is >= this. None = never
     exit (the full model); 0 = always exit after the first loop"""
 

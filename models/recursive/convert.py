@@ -1,4 +1,5 @@
-"""Convert a pretrained (non-looped) model into a (relaxed) recursive one: spec/05 5.2-5.3.
+"""Convert a pretrained (non-looped) model into a (relaxed) recursive one (Bae et al., the paper's
+shared-block initialisations and SVD-initialised LoRA).
 
 The source pattern must be U copies of one *unit* (its shortest period: ``A-`` for a Llama-like
 stack, ``M-M-A-`` for a hybrid repeating that group); a unit plays the part of the paper's "layer".

@@ -1,4 +1,4 @@
-"""Early exit in generation for a looped model (spec 5.5).
+"""Early exit in generation for a looped model (Bae et al.).
 
 Every loop boundary yields a valid hidden state, so the shared final norm + LM head can score the
 next token after loop 1, 2, ...; the batch leaves the loop once every row's top probability is at

@@ -5,7 +5,7 @@ shared blocks for a ``LoopLoRALinear`` that keeps the same ``weight``/``bias`` p
 checkpoint names, the optimizer's view of the shared weights and the layers' own code do not
 change) and adds ``lora_A`` (L, r, in) and ``lora_B`` (L, out, r). The stack tells every adapter
 which loop runs through one shared ``LoopIndex``; within a loop all tokens use the same factors, so
-the adapter is one extra pair of small matmuls (spec 5.3's batched layout).
+the adapter is one extra pair of small matmuls (the paper's batched layout).
 
     y = x W^T + b + (x A_l^T) B_l^T,    l = the current loop
 

@@ -1,4 +1,4 @@
-"""The relaxed recursive transformer (spec/05): looping, per-loop LoRA, conversion, early exit.
+"""The relaxed recursive transformer (Bae et al., ICLR 2025): looping, per-loop LoRA, conversion, early exit.
 
 fp32 throughout; "exact" comparisons allow 1e-5 where two computations sum in a different order
 (a LoRA path added to a merged weight) and are bitwise where they run the same ops.

@@ -1,6 +1,6 @@
 """Context parallelism: one sequence split over the ranks of a CP group, exact for every family.
 
-The contract shared by every family (``spec/13-context-parallel-state-passing.md``):
+The contract shared by every family:
 
 * A CP group of ``size`` ranks cuts each sequence of global length T into slices. ``contiguous``:
   ``size`` slices, rank r holds slice r. ``zigzag`` (causal load balance): ``2 * size`` slices, rank
