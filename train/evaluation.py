@@ -24,7 +24,11 @@ the names in ``hooks`` are looked up. Built in:
   stop improving, which a single mean hides.
 * ``passkey``: greedy retrieval of a 5-digit pass key hidden in filler text at the lengths in
   ``eval.passkey_lengths`` and the depths in ``eval.passkey_depths`` (``passkey/1024`` = accuracy).
-  The prompts are built from bytes, so it needs a byte-level tokenizer (vocab >= 256, ids == bytes).
+  Prompts are built in tokens of the data's tokenizer (``ctx.tokenizer``, else the
+  ``tokenizer.json`` next to the validation shards, else bytes), so byte-level and BPE runs alike;
+  a hit is a continuation that starts with the key's digits.
+* ``long_context`` (train/long_context_eval.py): loss, state RMS per layer/head and Mamba-2's mean
+  decay by position on one validation stream of ``long_context_factor`` x the training length.
 
 Cross-rank reduction goes through ``ctx.reduce(numerator_sum, count)`` -> the sums over ranks, so
 every score is a ratio of global sums (token weighting survives ranks with unequal token counts).
@@ -35,7 +39,7 @@ import importlib
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,13 +66,17 @@ class EvalConfig:
     position_buckets: int = 8
     """position_loss: equal-width buckets over the sequence length"""
     passkey_lengths: list[int] = field(default_factory=lambda: [256, 1024])
-    """passkey: prompt lengths in bytes (= tokens for a byte-level tokenizer)"""
+    """passkey: prompt lengths in tokens of the data's tokenizer (bytes for a byte-level one)"""
     passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
     """passkey: where the key sits, as a fraction of the filler before it"""
+    long_context_factor: int = 16
+    """long_context: length of its validation stream in multiples of the validation rows' length"""
 
     def __post_init__(self) -> None:
         if self.every < 0:
             raise ConfigError(f"eval.every: must be >= 0, got {self.every}")
+        if self.long_context_factor < 1:
+            raise ConfigError(f"eval.long_context_factor: must be >= 1, got {self.long_context_factor}")
         if self.position_buckets < 1:
             raise ConfigError(f"eval.position_buckets: must be >= 1, got {self.position_buckets}")
         if self.max_batches is not None and self.max_batches < 1:
@@ -91,6 +99,9 @@ class EvalContext:
     """the optimizer step being evaluated (seeds the passkey prompts)"""
     reduce: Optional[Callable[[float, float], tuple[float, float]]] = None
     """(sum, count) on this rank -> (sum, count) over the data-parallel ranks; identity when None"""
+    tokenizer: Optional[Any] = None
+    """the data's tokenizer (``hybrid_lm.data.tokenizer.Tokenizer``) for prompts; None: the one next
+    to the validation shards, or bytes when there is none"""
 
     def sum_over_ranks(self, total: float, count: float) -> tuple[float, float]:
         return self.reduce(total, count) if self.reduce is not None else (total, count)
@@ -238,8 +249,11 @@ def _vocab_size(model: nn.Module, device: torch.device) -> int:
 
 def greedy_continuation(model: nn.Module, ids: torch.Tensor, n: int) -> torch.Tensor:
     """ids (1, T) -> the next ``n`` greedy tokens (n,): ``model.generate`` when it has one, else an
-    argmax loop over full forwards (quadratic, fine for the short answers decoded here)."""
-    if hasattr(model, "generate"):
+    argmax loop over full forwards (quadratic, fine for the short answers decoded here). Layers whose
+    decode step cannot reproduce their forward (``forward_only_decode``, e.g. a windowed Mamba-2
+    state) get the forward loop too."""
+    forward_only = any(getattr(m, "forward_only_decode", False) for m in model.modules())
+    if hasattr(model, "generate") and not forward_only:
         return model.generate(ids, max_new_tokens=n)[0, ids.shape[1]:]
     for _ in range(n):
         nxt = model(ids).logits[:, -1].argmax(-1)
@@ -247,22 +261,62 @@ def greedy_continuation(model: nn.Module, ids: torch.Tensor, n: int) -> torch.Te
     return ids[0, -n:]
 
 
+def passkey_prompt_ids(tokenizer: Any, length: int, depth: float, key: int) -> tuple[list[int], str]:
+    """A prompt of exactly ``length`` tokens of ``tokenizer`` hiding ``key`` after ``depth`` of the
+    filler (needle, filler and question encoded apart, so the count is exact for BPE too); returns
+    (ids, answer). For a byte-level tokenizer these are the bytes of ``passkey_prompt``."""
+    needle, question = tokenizer.encode(_needle(key)), tokenizer.encode(_QUESTION)
+    room = length - len(needle) - len(question)
+    if room < 0:
+        raise ConfigError(f"eval.passkey_lengths: {length} tokens is shorter than the needle and question "
+                          f"({len(needle) + len(question)} tokens)")
+    per_copy = max(1, len(tokenizer.encode(_FILLER)))
+    filler = tokenizer.encode(_FILLER * (room // per_copy + 2))[:room]
+    cut = int(depth * room)
+    return filler[:cut] + needle + filler[cut:] + question, str(key)
+
+
+def eval_tokenizer(ctx: EvalContext) -> Any:
+    """``ctx.tokenizer``, else the ``tokenizer.json`` next to the validation shards, else bytes."""
+    from hybrid_lm.data.tokenizer import Tokenizer
+
+    if ctx.tokenizer is not None:
+        return ctx.tokenizer
+    data_cfg = getattr(ctx.make_val_loader(), "cfg", None)
+    path = getattr(data_cfg, "path", None)
+    if path is not None:
+        from hybrid_lm.data.loader import tokenizer_path
+
+        if tokenizer_path(data_cfg).is_file():
+            return Tokenizer.load(tokenizer_path(data_cfg))
+    return Tokenizer.byte_level()
+
+
 @register_eval_hook("passkey")
 def passkey(model: nn.Module, ctx: EvalContext, cfg: EvalConfig) -> dict[str, float]:
+    tok = eval_tokenizer(ctx)
     vocab = _vocab_size(model, ctx.device)
-    if vocab < 256:
-        raise ConfigError(f"eval.hooks: passkey needs a byte-level tokenizer (vocab >= 256, ids == bytes); "
-                          f"this model's vocab is {vocab}")
+    need = 256 if tok.is_byte_level else tok.vocab_size  # byte prompts never use the special ids
+    if vocab < need:
+        raise ConfigError(f"eval.hooks: passkey prompts use the data's tokenizer ({need} ids"
+                          f"{', byte-level' if tok.is_byte_level else ''}); this model's vocab is {vocab}")
     rng = random.Random(ctx.step)  # same keys on every rank and for a re-run of the same step
     out = {}
     for length in cfg.passkey_lengths:
         correct = 0
         for depth in cfg.passkey_depths:
-            prompt, answer = passkey_prompt(length, depth, rng.randrange(_KEYS.start, _KEYS.stop))
-            ids = torch.tensor([list(prompt.encode("ascii"))], device=ctx.device)
-            generated = greedy_continuation(model, ids, len(answer)).tolist()
-            correct += bytes(t if t < 256 else 0 for t in generated) == answer.encode("ascii")
+            prompt, answer = passkey_prompt_ids(tok, length, depth, rng.randrange(_KEYS.start, _KEYS.stop))
+            ids = torch.tensor([prompt], device=ctx.device)
+            # a BPE tokenizer may split the digits differently after this prompt: decode a little more
+            n = len(tok.encode(answer)) + (0 if tok.is_byte_level else 2)
+            generated = greedy_continuation(model, ids, n).tolist()
+            correct += tok.decode(generated).strip().startswith(answer)
         # every rank scored the same prompts, so the summed ratio is this rank's accuracy
         hits, total = ctx.sum_over_ranks(float(correct), float(len(cfg.passkey_depths)))
         out[f"passkey/{length}"] = hits / total if total else float("nan")
     return out
+
+
+# the long-context hook registers itself on import; imported here so that its name is known wherever
+# evaluation is (at the end: it imports this module's registry)
+from hybrid_lm.train import long_context_eval  # noqa: E402,F401

@@ -5,12 +5,19 @@ metric raw (faint) and EMA-smoothed, each ``val*`` metric as points joined by a 
 learning rate on a twin axis when logged. Metric names match keys with or without the trainer's
 section prefix (``loss`` matches ``train/loss``; ``val_loss`` matches ``val/loss``), so plots of
 runs logged before and after a key rename look the same. Agg backend: works on headless nodes.
+
+When the run logged evaluation scores by position (``position_loss/A-B``, and the ``long_context``
+hook's ``long_loss@P``, ``long_state_rms/...@P``, ``long_decay/...@P``), the newest such record is
+also drawn to ``RUN_DIR/positions.png``: loss by position, state RMS per layer (heads faint) and
+Mamba-2's mean decay per head, side by side, so state collapse (loss and a few heads' state rising
+past the training length) is visible at a glance.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -101,6 +108,65 @@ def plot_run(run_dir: Path, out: Optional[Path] = None, metrics: tuple[str, ...]
     out = out or run_dir / "loss.png"
     fig.savefig(out, dpi=110)
     plt.close(fig)
+    plot_positions(records, out.with_name("positions.png"), title=run_dir.resolve().name)
+    return out
+
+
+_AT = re.compile(r"^(long_loss|long_state_rms/|long_decay/)(.*)@(\d+)$")
+
+
+def by_position(record: dict) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """{panel: {line: [(position, value), ...]}} from one metrics record: panel ``loss`` (the
+    ``position_loss`` buckets at their last position, ``long_loss``), ``state_rms``, ``decay``."""
+    panels: dict[str, dict[str, list[tuple[int, float]]]] = {"loss": {}, "state_rms": {}, "decay": {}}
+    for key, value in record.items():
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            continue
+        if key.startswith("position_loss/"):
+            hi = int(key.rsplit("-", 1)[1]) + 1
+            panels["loss"].setdefault("position_loss (training length)", []).append((hi, float(value)))
+            continue
+        m = _AT.match(key)
+        if m is None:
+            continue
+        kind, line, pos = m.group(1), m.group(2), int(m.group(3))
+        panel = {"long_loss": "loss", "long_state_rms/": "state_rms", "long_decay/": "decay"}[kind]
+        panels[panel].setdefault(line or "long_loss", []).append((pos, float(value)))
+    return {k: {line: sorted(v) for line, v in lines.items()} for k, lines in panels.items() if lines}
+
+
+def plot_positions(records: list[dict], out: Path, title: str = "") -> Optional[Path]:
+    """Draw the newest record with scores by position to ``out``; None (nothing written) when there is none."""
+    panels: dict = {}
+    for record in reversed(records):
+        panels = by_position(record)
+        if panels:
+            break
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    labels = {"loss": "loss (nats/token)", "state_rms": "state RMS", "decay": "mean decay exp(dt·A)"}
+    for ax, (panel, lines) in zip(axes[0], panels.items()):
+        for line, points in lines.items():
+            head = ".h" in line  # per-head lines faint, per-layer means bold
+            ax.plot([p for p, _ in points], [v for _, v in points], "-" if head else "o-",
+                    alpha=0.35 if head else 1.0, linewidth=1 if head else 2, label=None if head else line)
+        ax.set_xlabel("position (tokens)")
+        ax.set_ylabel(labels[panel])
+        if panel == "state_rms":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{title} step {next((r.get('step') for r in reversed(records) if by_position(r)), '')}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
     return out
 
 
@@ -119,4 +185,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"hybrid-lm plot: {exc}", file=sys.stderr)
         return 2
     print(path)
+    if path.with_name("positions.png").is_file():
+        print(path.with_name("positions.png"))
     return 0

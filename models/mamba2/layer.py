@@ -192,6 +192,17 @@ class Mamba2(Layer):
             return None
         return torch.full((self.nheads,), math.log(self.decay_mult), dtype=work, device=device)
 
+    @torch.no_grad()
+    def decays(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-token decays a_t = exp(dt·A) (knobs included) of input x (B, L, D): (B, L, H) fp32+.
+        A diagnostic (state collapse shows as heads with a_t near 1): it re-runs in_proj."""
+        work = torch.promote_types(x.dtype, torch.float32)
+        dt_raw = self.in_proj(x)[..., -self.nheads:]
+        dt, A, _ = self._gates(dt_raw, dt_raw.new_zeros(()), work)
+        log_decay = dt * A
+        bias = self._log_decay_bias(work, x.device)
+        return (log_decay if bias is None else log_decay + bias).exp()
+
     @property
     def forward_only_decode(self) -> bool:
         """True when ``step`` cannot reproduce the forward (the windowed state needs S_{t-r}, which a

@@ -61,3 +61,24 @@ def test_series_aliases_and_ema(tmp_path):
     assert steps == [10, 20, 30, 40, 50, 60] and val[0] == 5 / 10 ** 0.5
     assert series(records, "train/loss")[0] == series(records, "loss")[0] == list(range(1, 61))
     assert ema([1.0, 0.0, 0.0], alpha=0.5) == [1.0, 0.5, 0.25]
+
+
+@pytest.mark.slow
+def test_positions_png_from_the_newest_long_context_record(tmp_path):
+    from hybrid_lm.train.plot import by_position, plot_run
+
+    rows = [{"step": 5, "train/loss": 3.0}]
+    for step in (5, 10):
+        rec = {"step": step, "position_loss/0-7": 2.0, "position_loss/8-15": 1.9}
+        for p in (16, 32, 48):
+            rec |= {f"long_loss@{p}": 2.0 + p / step, f"long_state_rms/L0M@{p}": 0.1 * p,
+                    f"long_state_rms/L0M.h0@{p}": 0.1 * p, f"long_decay/L0M.h0@{p}": 0.9}
+        rows.append(rec)
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    plot_run(tmp_path)
+    png = (tmp_path / "positions.png").read_bytes()
+    assert png[:8] == PNG_MAGIC and len(png) > 10_000
+    panels = by_position(rows[-1])
+    assert panels["loss"]["long_loss"] == [(16, 3.6), (32, 5.2), (48, 6.8)]
+    assert panels["loss"]["position_loss (training length)"] == [(8, 2.0), (16, 1.9)]
+    assert set(panels["state_rms"]) == {"L0M", "L0M.h0"} and panels["decay"]["L0M.h0"][0] == (16, 0.9)
