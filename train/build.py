@@ -17,6 +17,7 @@ import torch
 from hybrid_lm.models.config import ModelConfig
 from hybrid_lm.models.kinds import adapt_init_state, build_lm
 from hybrid_lm.models.model_dir import load_model_dir
+from hybrid_lm.models.recursive.convert import parameter_counts
 from hybrid_lm.train.checkpoint import layout
 
 #: (split, rank, world_size) -> a loader following the data contract (iterable of batches with
@@ -102,3 +103,17 @@ def build_model(model_cfg: ModelConfig, *, seed: int, init_from: Optional[str], 
     # the loader and every later draw start from the same streams whether or not weights were loaded
     seed_everything(seed)
     return model
+
+
+def model_summary(model: torch.nn.Module, seq_len: int) -> str:
+    """One line for the run's log: parameters and forward FLOPs per token; for a looped model the
+    unique (stored, optimised) parameters beside the unrolled ones a plain stack of its depth holds."""
+    config = model.config
+    params = sum(p.numel() for p in model.parameters())
+    line = (f"[model] {config.kind} {config.block_pattern!r}: {params:,} parameters, "
+            f"{model.flops_per_token(seq_len) / 1e6:.2f} MFLOPs/token forward at seq_len {seq_len}")
+    if getattr(model, "loops", 1) > 1:
+        counts = parameter_counts(model)
+        line += (f"; block x {model.loops} loops: {counts['unique']:,} unique ({counts['lora']:,} LoRA), "
+                 f"{counts['unrolled']:,} unrolled")
+    return line

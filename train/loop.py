@@ -28,7 +28,8 @@ from torch import nn
 
 from hybrid_lm.train import distributed as D
 from hybrid_lm.train.activation_checkpointing import apply_activation_checkpointing
-from hybrid_lm.train.build import LoaderFactory, build_model, check_tokenizer_fits, default_loader_factory, tokenizer_file
+from hybrid_lm.train.build import (LoaderFactory, build_model, check_tokenizer_fits, default_loader_factory,
+                                   model_summary, tokenizer_file)
 from hybrid_lm.train.checkpoint import manager
 from hybrid_lm.train.checkpoint.state import TrainerState
 from hybrid_lm.train.config import JobConfig, job_config_to_dict
@@ -160,6 +161,8 @@ def _train(cfg: JobConfig, info: D.DistInfo, make_loader: Optional[LoaderFactory
     resume_from = manager.find_resume(cfg.train.resume, ckpt_root)
     model = build_model(cfg.model, seed=cfg.train.seed, init_from=cfg.train.init_from, resuming=resume_from is not None)
     train_flops = 3.0 * model.flops_per_token(cfg.data.seq_len)  # the whole model's, whatever the engine keeps
+    if info.is_main:
+        print(model_summary(model, cfg.data.seq_len), flush=True)
     engine = build_engine(model, cfg, info)
     attach_state_passing(engine, cfg, info.rank)
     del model  # the engine holds what this rank trains; a pipeline stage frees the other stages' layers

@@ -22,8 +22,10 @@ def run(run_dir, model, **sections):
                  make_loader=synthetic.factory())
 
 
-def test_looped_model_resumes_exactly(tmp_path):
+def test_looped_model_resumes_exactly(tmp_path, capsys):
     straight = run(tmp_path / "a", LOOPED, train={"steps": 6})
+    # the run's summary line gives the unique and the unrolled parameter counts
+    assert "block x 2 loops" in capsys.readouterr().out
     first = run(tmp_path / "b", LOOPED, train={"steps": 6, "stop_at": 3})
     second = run(tmp_path / "b", LOOPED, train={"steps": 6})
     assert {**first.losses, **second.losses} == straight.losses
