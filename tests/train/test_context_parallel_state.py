@@ -1,0 +1,101 @@
+"""Context parallelism for the recurrent layers (spec 13): Mamba-2's state passing and the memory
+layers' relay equal one process on the whole sequence, in fp64.
+
+One spawn of 4 gloo processes serves every case: CP=2 (two groups of 2 run the same case) and
+CP=4, contiguous and zig-zag, with documents that cross slice boundaries, a document starting
+exactly at a slice boundary and a one-token document. Checked per rank: the local outputs, the
+gradient w.r.t. the local inputs (which for the relay only matches when the gradient of the
+carried state travels back), the parameter gradients summed over the group, and the final state.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed_utils import run_distributed
+
+DT = torch.float64
+T, B = 32, 2
+DOCS = [[0] * 5 + [1] * 14 + [2] * 3 + [3] * 10,  # documents across the boundaries of 4- and 8-token slices
+        [7] * 8 + [1] * 8 + [2] * 1 + [3] * 15]   # starts exactly at 8 and 16, a one-token document
+LETTERS = ["M", "T", "G", "X", "C", "L", "D"]
+
+
+def _layer(letter: str):  # type: ignore[no-untyped-def]
+    from hybrid_lm.models.common.registry import get_layer_spec
+    from hybrid_lm.models.config import ModelConfig
+
+    cfg = ModelConfig(d_model=16, layer_pattern=f"{letter}-", vocab_size=23)
+    m = cfg.mamba2
+    m.d_state, m.headdim, m.chunk_size, m.expand = 8, 8, 4, 2
+    t = cfg.titans
+    t.n_heads, t.chunk_size, t.segment_len, t.window, t.memory_expansion, t.n_persistent = 2, 2, 4, 6, 2, 2
+    cfg.atlas.omega_window = 3
+    torch.manual_seed(0)
+    layer = get_layer_spec(letter).build(cfg, 0).to(DT)
+    with torch.no_grad():  # the stack's init is not applied to a bare layer: give every weight a scale
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return layer
+
+
+def _run(layer, x, doc_ids, weight):  # type: ignore[no-untyped-def]
+    y, state = layer(x, doc_ids=doc_ids, return_state=True)
+    (y * weight).sum().backward()
+    return y, state
+
+
+def _worker(rank: int, world: int) -> list[str]:
+    import torch.distributed as dist
+
+    import hybrid_lm.train.context_parallel.memory  # noqa: F401  (registers the relay)
+    from hybrid_lm.train.context_parallel import ContextParallel, cp_forward_for
+    from hybrid_lm.train.context_parallel.mamba2 import mamba2_context_parallel
+    from hybrid_lm.train.context_parallel.memory import relay_context_parallel
+
+    dist.init_process_group("gloo")
+    groups = {2: [dist.new_group([0, 1]), dist.new_group([2, 3])], 4: [dist.new_group([0, 1, 2, 3])]}
+    g = torch.Generator().manual_seed(3)
+    x_full = torch.randn(B, T, 16, generator=g, dtype=DT)
+    weight = torch.randn(B, T, 16, generator=g, dtype=DT)
+    doc_full = torch.tensor(DOCS)
+    worst: list[str] = []
+    for letter in LETTERS:
+        ref_layer = _layer(letter)
+        x_ref = x_full.clone().requires_grad_()
+        y_ref, s_ref = _run(ref_layer, x_ref, doc_full, weight)
+        grads_ref = {k: p.grad for k, p in ref_layer.named_parameters()}
+        for size in (2, 4):
+            group = groups[size][rank // size if size == 2 else 0]
+            for layout in ("contiguous", "zigzag"):
+                cp = ContextParallel(group, dist.get_rank(group), size, T, layout)  # type: ignore[arg-type]
+                idx = torch.cat([torch.arange(a, b) for a, b in cp.slices()])
+                layer = _layer(letter)
+                x = x_full[:, idx].clone().requires_grad_()
+                fn = mamba2_context_parallel if letter == "M" else relay_context_parallel
+                assert cp_forward_for(layer) is not None
+                y, state = fn(layer, x, doc_ids=doc_full[:, idx], cp=cp, return_state=True)
+                (y * weight[:, idx]).sum().backward()
+                errs = {"y": (y - y_ref[:, idx]).abs().max(), "dx": (x.grad - x_ref.grad[:, idx]).abs().max()}
+                for k, p in layer.named_parameters():
+                    dist.all_reduce(p.grad, group=group)
+                    errs[f"d{k}"] = (p.grad - grads_ref[k]).abs().max()
+                if state is not None:
+                    for k, v in state.items():
+                        if v.dtype.is_floating_point and v.numel():
+                            errs[k] = (v - s_ref[k].to(v.dtype)).abs().max()
+                        elif not v.dtype.is_floating_point and not torch.equal(v, s_ref[k]):
+                            errs[k] = torch.tensor(float("inf"))
+                has_state = letter == "M" or cp.rank == (size - 1 if layout == "contiguous" else 0)  # holds the last slice
+                if has_state != (state is not None):
+                    errs["state returned"] = torch.tensor(float("inf"))
+                key, err = max(((k, float(e.detach())) for k, e in errs.items()), key=lambda kv: kv[1])
+                worst.append(f"{letter} CP={size} {layout} rank {rank}: max error {err:.1e} ({key})")
+    return worst
+
+
+@pytest.mark.distributed
+def test_recurrent_layers_context_parallel_equal_one_process() -> None:
+    lines = [line for per_rank in run_distributed(_worker, world_size=4) for line in per_rank]
+    bad = [line for line in lines if float(line.split("max error ")[1].split()[0]) > 1e-10]
+    assert len(lines) == 4 * len(LETTERS) * 4 and not bad, "\n".join(bad)
