@@ -16,8 +16,9 @@ wrapper, DeepSpeed given megatron's groups as ``mpu``: ``loop.build_engine``), a
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import torch
 from torch import nn
@@ -34,8 +35,11 @@ class ParallelConfig:
     """micro-batches per optimizer step on each rank"""
     cpu_offload: bool = False
     """offload optimizer state to CPU (ZeRO >= 1)"""
-    dtype: Literal["auto", "bf16", "fp32"] = "auto"
-    """auto: bf16 on CUDA, fp32 on CPU"""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto: bf16 on CUDA, fp32 on CPU. bf16/fp16: DeepSpeed's mixed precision (16-bit weights and
+    gradients, fp32 master weights in the optimizer), except the parameters a layer marks
+    ``_keep_fp32`` (Mamba-2 ``A_log``/``dt_bias``/``D``, the memory gates and initial weights), which stay
+    fp32 in the model (not under ZeRO-3); fp16 adds dynamic loss scaling and needs ZeRO >= 1"""
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     """recompute block activations in the backward pass instead of storing them
     (``train/activation_checkpointing.py``): every block (full) or the blocks whose letter is in
@@ -72,6 +76,11 @@ class ParallelConfig:
             raise ConfigError(f"parallel.gradient_accumulation: must be >= 1, got {self.gradient_accumulation}")
         if self.cpu_offload and self.zero_stage == 0:
             raise ConfigError("parallel.cpu_offload: needs zero_stage >= 1")
+        if self.dtype == "fp16" and self.zero_stage == 0:
+            # DeepSpeed 0.19's ZeRO-0 fp16 path divides gradients by the loss scale without having
+            # scaled the loss (measured: gradients 2^16 too small, A_log all but frozen)
+            raise ConfigError("parallel.dtype: fp16 needs parallel.zero_stage >= 1 (DeepSpeed's ZeRO-0 fp16 "
+                              "optimizer unscales gradients it never scaled); use zero_stage 1 or bf16")
         if not 0 < self.timeout_s < float("inf"):
             raise ConfigError(f"parallel.timeout_s: must be > 0, got {self.timeout_s}")
         if self.tensor_parallel < 1:
@@ -161,6 +170,10 @@ def deepspeed_config(cfg: ParallelConfig, *, micro_batch_size: int, world_size: 
         "train_batch_size": micro_batch_size * cfg.micro_batches * world_size,
         "gradient_clipping": grad_clip,
         "bf16": {"enabled": cfg.resolved_dtype(device) == "bf16"},
+        # dynamic loss scaling (loss_scale 0): start at 2^16, halve on an overflowing step (which
+        # DeepSpeed then skips), double after 1000 clean steps
+        "fp16": {"enabled": cfg.resolved_dtype(device) == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         "zero_optimization": zero,
         # the trainer's optimiser is an AdamW subclass (SkippableAdamW); DeepSpeed accepts it
         # under ZeRO only with this flag
@@ -215,6 +228,80 @@ def parallelize(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Paralle
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     ds_config = deepspeed_config(cfg, micro_batch_size=micro_batch_size, world_size=world_size,
                                  grad_clip=grad_clip, device=device)
+    dtype = cfg.resolved_dtype(device)
+    if dtype == "fp16":
+        from deepspeed.accelerator import get_accelerator
+
+        if not get_accelerator().is_fp16_supported():
+            raise ConfigError(f"parallel.dtype: fp16 is not supported on this device ({device}; DeepSpeed's "
+                              f"{get_accelerator().device_name()} accelerator reports no fp16); use bf16 or fp32")
     model.to(device)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
+    # ZeRO-3 partitions parameters in buckets of one dtype (DeepSpeed asserts it when it
+    # defragments them), so there the marked parameters are stored in 16 bits like the rest
+    # (their optimizer master copy stays fp32)
+    keep = dtype in ("bf16", "fp16") and cfg.zero_stage < 3
+    if keep:
+        split_fp32_groups(optimizer)
+    with keep_fp32_parameters(model, enabled=keep):
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     return engine
+
+
+def keeps_fp32(param: torch.Tensor) -> bool:
+    """Whether a layer marked ``param`` to stay fp32 under bf16/fp16 training (``_keep_fp32``)."""
+    return bool(getattr(param, "_keep_fp32", False))
+
+
+def split_fp32_groups(optimizer: torch.optim.Optimizer) -> None:
+    """Move the ``_keep_fp32`` parameters of each optimizer group into a group of their own (same
+    hyperparameters, name + "_fp32"), before any step. DeepSpeed flattens each group into one
+    buffer of one dtype: a group mixing fp32 and bf16 parameters would turn them all fp32 (ZeRO
+    1-2: the norms' outputs then no longer match the bf16 matmuls)."""
+    groups = []
+    for group in optimizer.param_groups:
+        low = [p for p in group["params"] if not keeps_fp32(p)]
+        full = [p for p in group["params"] if keeps_fp32(p)]
+        if low:
+            groups.append({**group, "params": low})
+        if full:
+            groups.append({**group, "params": full, "name": f"{group.get('name', 'group')}_fp32"})
+    optimizer.param_groups[:] = groups
+
+
+@contextmanager
+def keep_fp32_parameters(model: nn.Module, *, enabled: bool) -> Iterator[None]:
+    """Inside ``deepspeed.initialize``: the ``_keep_fp32`` parameters of ``model`` come out of
+    DeepSpeed's bf16/fp16 cast in fp32.
+
+    DeepSpeed casts every floating parameter of the module to the 16-bit dtype
+    (``DeepSpeedEngine._cast_module_mixed_precision``; its ``keep_in_fp32_modules`` setting
+    covers buffers only). Wrapping that one method puts the marked parameters' fp32 data back
+    before the optimizer wrapper is built, which then keeps them in their own fp32 groups
+    (``split_fp32_groups``): the layers read them in fp32 (they compute in fp32 anyway), and
+    their fp32 master copy in the optimizer equals the model's. A DeepSpeed without that method
+    fails here, loudly, rather than training with the parameters silently in 16 bits."""
+    marked = [p for p in model.parameters() if keeps_fp32(p)]
+    if not enabled or not marked:
+        yield
+        return
+    import deepspeed
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    original = getattr(DeepSpeedEngine, "_cast_module_mixed_precision", None)
+    if original is None:
+        raise RuntimeError(f"DeepSpeed {deepspeed.__version__} has no DeepSpeedEngine._cast_module_mixed_precision: "
+                           "cannot keep the _keep_fp32 parameters (Mamba-2 A_log/dt_bias/D, memory gates) in fp32 "
+                           "under parallel.dtype bf16/fp16 (tested with DeepSpeed 0.19.8); use fp32 or that version")
+
+    def cast(engine: Any, *args: Any, **kwargs: Any) -> Any:
+        saved = [(p, p.data) for p in engine.module.parameters() if keeps_fp32(p)]
+        result = original(engine, *args, **kwargs)
+        for p, data in saved:
+            p.data = data
+        return result
+
+    DeepSpeedEngine._cast_module_mixed_precision = cast  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._cast_module_mixed_precision = original  # type: ignore[method-assign]

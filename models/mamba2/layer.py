@@ -83,6 +83,9 @@ class Mamba2(Layer):
         self.D = nn.Parameter(torch.empty(self.nheads))
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True  # type: ignore[attr-defined]
+            # stored in fp32 under bf16/fp16 training (as mamba_ssm keeps them): a bf16 A_log or
+            # dt_bias moves the decay rates and time steps by up to 0.4% and small updates vanish
+            p._keep_fp32 = True  # type: ignore[attr-defined]
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // ngroups, eps=norm_eps, norm_before_gate=norm_before_gate)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
         self.out_proj.weight._is_residual_projection = True  # type: ignore[attr-defined]

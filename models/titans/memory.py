@@ -85,6 +85,11 @@ class NeuralMemory(Layer):
         self.gate_proj = nn.Linear(spec.d_model, h * dh, bias=False)
         self.out_proj = nn.Linear(h * dh, spec.d_model, bias=False)
         self.out_proj.weight._is_residual_projection = True  # type: ignore[attr-defined]
+        # the inner learning rate, momentum and forget gates and the initial memory feed the fp32
+        # memory recurrence, where a bf16 rounding compounds over every token: stored in fp32
+        # under bf16/fp16 training, the gates computed in fp32 (``project``)
+        for p in (*self.w0, *self.gates.parameters()):
+            p._keep_fp32 = True  # type: ignore[attr-defined]
         self.reset_parameters()
 
     @torch.no_grad()
@@ -140,7 +145,8 @@ class NeuralMemory(Layer):
         q = F.normalize(qkv[:, :, 0], dim=-1)
         k = F.normalize(qkv[:, :, 1], dim=-1)
         v = qkv[:, :, 2]
-        g = dict(zip(self.gate_names, self.gates(x).view(bsz, seq_len, self.n_gates, h).unbind(2)))
+        gate_in = x.to(self.gates.weight.dtype)  # fp32 gates (see __init__) also for bf16 activations
+        g = dict(zip(self.gate_names, self.gates(gate_in).view(bsz, seq_len, self.n_gates, h).unbind(2)))
         theta = s.theta_max * torch.sigmoid(g["theta"])
         eta = torch.sigmoid(g["eta"]) if s.momentum else torch.zeros_like(theta)
         alpha = torch.sigmoid(g["alpha"]) if s.decay else torch.zeros_like(theta)
