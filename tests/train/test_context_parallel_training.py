@@ -25,7 +25,7 @@ pytestmark = pytest.mark.distributed
 #: (pattern, layout, attention scheme, ZeRO stage): each run also covers one layout / scheme / stage
 RUNS = [
     ("A-", "contiguous", "allgather", 0),
-    ("A-", "zigzag", "ulysses", 2),
+    ("M-A-", "zigzag", "ulysses", 2),  # Mamba-2's exact state passing (context_parallel/mamba2.py) with attention
 ]
 
 
