@@ -4,7 +4,10 @@ and the memory families (T-A-, C-, X-) and M-A- train like one process.
 
 Two spawns shared by every test through module fixtures (megatron-core/DeepSpeed imports dominate:
 ~16 s per process, the runs themselves ~1 s each): 4 ranks, and 1 rank for every reference run
-(2 micro-batches per step: the global batch of the two data-parallel replicas).
+(2 micro-batches per step: the global batch of the two data-parallel replicas). The memory
+families train at DP=2 x TP=2 rather than in a 2-rank TP=2 spawn of their own: each replica is
+exactly a TP=2 split of the model, and that spawn would add ~22 s of CPU for imports alone
+(the suite's budget); their model-level TP=2 parity is tests/train/test_tensor_parallel.py's.
 
 Tolerance: fp32, rel 1e-5 on per-step losses and gradient norms (as in
 tests/train/test_tensor_parallel_training.py), and on each gradient relative to the tensor's
