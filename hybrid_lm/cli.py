@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("hybrid_lm.data.cli", "build WebDataset shards from a corpus, inspect them"),
     "train": ("hybrid_lm.train.cli", "train a model from a YAML/TOML config with dotted overrides"),
     "eval": ("hybrid_lm.train.eval_cli", "evaluate a checkpoint on validation shards"),
+    "plan": ("hybrid_lm.train.plan_cli", "memory per GPU and step time of a config on N GPUs; fails if it does not fit"),
     "plot": ("hybrid_lm.train.plot", "draw the loss curves of a run directory to PNG"),
     "export": ("hybrid_lm.export.cli", "export a training checkpoint to a Hugging Face folder"),
     "import": ("hybrid_lm.export.import_cli", "import a Hugging Face Llama/Mamba2 folder as a checkpoint"),
