@@ -11,12 +11,15 @@ first engine's mpu process-wide.
 Rows hold three documents (one crossing the slice boundaries, one reusing an id) with positions
 restarting per document, as the loader writes them. Tolerance: fp32, rel 1e-5 on losses and norms
 (the one-process run sums the same token losses in another order, and an attention row's softmax
-runs over another key layout).
+runs over another key layout); the checkpointed weights (``load_model_state``, what export and
+eval read) at rtol 1e-4 / atol 1e-5, as the tensor-parallel tests: Adam's m / sqrt(v) turns tiny
+gradient differences of near-zero entries into update differences of a fraction of lr.
 """
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import synthetic
 
@@ -75,12 +78,16 @@ def _worker(rank, world_size, root):
     from hybrid_lm.train.config import job_config_from_dict
     from hybrid_lm.train.loop import train
 
+    from hybrid_lm.train.checkpoint import load_model_state
+
     def run(name, *args):
         run_dir = Path(root) / name
         job = _job(run_dir, *args)
         result = train(job_config_from_dict(job), make_loader=_factory(job["data"]["micro_batch_size"]))
         marker = json.loads((Path(result.checkpoint) / "COMPLETE.json").read_text())
+        weights = load_model_state(result.checkpoint).state_dict if rank == 0 else {}
         return {"losses": result.losses, "layout": marker.get("layout"),
+                "weights": {k: v.numpy() for k, v in weights.items()},
                 "norms": _metric(run_dir, "train/grad_norm") if rank == 0 else None,
                 "tokens": _metric(run_dir, "train/tokens") if rank == 0 else None}
 
@@ -101,3 +108,8 @@ def test_two_context_parallel_ranks_train_like_one_process(tmp_path):
         assert p0["norms"] == pytest.approx(ref["norms"], rel=1e-5), run
         assert p0["tokens"] == ref["tokens"] == [64, 128, 192], run  # one batch of 2 x 32 per step, counted once
         assert p0["layout"] == {"context_parallel": 2} and ref["layout"] is None, run
+        # the checkpoint holds one copy of the weights, read like a data-parallel one (export, eval)
+        assert p0["weights"].keys() == ref["weights"].keys()
+        for name, value in ref["weights"].items():
+            torch.testing.assert_close(torch.from_numpy(p0["weights"][name]), torch.from_numpy(value),
+                                       rtol=1e-4, atol=1e-5, msg=lambda m: f"{run} {name}: {m}")

@@ -13,7 +13,9 @@ Any head count works; score memory is (T/N) x T per head.
 ``ulysses`` (DeepSpeed-Ulysses): an all-to-all turns (all heads, T/N tokens) into (H/N heads, all
 T tokens), the layer's own attention core runs on the whole sequence for those heads (fast
 ``is_causal`` and blocked-window paths included), a second all-to-all turns the output back.
-Needs H % N == 0; kv-heads are split too when KV % N == 0, else repeated to H first. Forward:
+Needs H % N == 0; kv-heads are split too when KV % N == 0, else repeated to H first. Its memory is
+the one-process layer's for H/N heads: with packed documents on SDPA the (T, T) mask does not
+shrink with N (flash-attn varlen, used on CUDA half precision as in the layer, has none). Forward:
 
     bytes = (N - 1) / N * B * (T/N) * d * e * (2 * H + 2 * KV') + (N - 1) / N * B * T * 8
 
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from hybrid_lm.kernels.ssd.reference import segment_index
+from hybrid_lm.models.attention.flash import flash_attention, flash_usable
 from hybrid_lm.models.attention.layer import Attention
 from hybrid_lm.models.attention.rope import apply_rope, rope_cos_sin
 from hybrid_lm.models.attention.window import blocked_window_attention
@@ -119,10 +122,13 @@ def allgather_attention(layer: Attention, x: torch.Tensor, *, doc_ids: Optional[
 
 
 def _core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Optional[torch.Tensor],
-          window: Optional[int]) -> torch.Tensor:
-    """The cache-free attention of ``Attention.forward`` on a whole sequence (same three paths).
+          window: Optional[int], backend: str) -> torch.Tensor:
+    """The cache-free attention of ``Attention.forward`` on a whole sequence (the same paths:
+    flash-attn varlen on CUDA half precision, else SDPA causal / blocked window / explicit mask).
     q (B, h, T, d), k/v (B, kv, T, d), seg (B, T) or None -> (B, h, T, d)."""
     batch, _, t, _ = q.shape
+    if flash_usable(q, backend, False):  # pragma: no cover - CUDA only
+        return flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), seg, window).transpose(1, 2)
     gqa = q.size(1) != k.size(1)
     if seg is None and window is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -160,7 +166,7 @@ def ulysses_attention(layer: Attention, x: torch.Tensor, *, doc_ids: Optional[to
         return got.permute(1, 2, 0, 3, 4).reshape(b, h // n, n * tl, d)[:, :, order]
 
     seg = global_segments(doc_ids, cp, batch, x.device)
-    out = _core(to_heads(q), to_heads(k), to_heads(v), seg, layer.window)  # (B, H/N, T, d)
+    out = _core(to_heads(q), to_heads(k), to_heads(v), seg, layer.window, layer.backend)  # (B, H/N, T, d)
     b, hn, _, d = out.shape
     rows = out[:, :, inverse].view(b, hn, n, t, d).permute(2, 0, 1, 3, 4)  # row j: rank j's tokens
     back = all_to_all(rows, cp.group)  # row j: head chunk j over my tokens
