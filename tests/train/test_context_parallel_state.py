@@ -48,6 +48,27 @@ def _run(layer, x, doc_ids, weight):  # type: ignore[no-untyped-def]
     return y, state
 
 
+def _count_received_bytes() -> list[int]:
+    """Wrap chain.py's gather / reduce-scatter to add up the bytes this rank receives from the
+    others: (N-1)/N of the full buffer (the gathered output, the reduce-scattered input)."""
+    import torch.distributed as dist
+
+    from hybrid_lm.train.context_parallel import chain
+
+    total = [0]
+
+    def counting(fn):  # type: ignore[no-untyped-def]
+        def run(out, inp, *args, group=None, **kwargs):  # type: ignore[no-untyped-def]
+            full = out if out.numel() > inp.numel() else inp
+            n = dist.get_world_size(group)
+            total[0] += full.numel() * full.element_size() * (n - 1) // n
+            return fn(out, inp, *args, group=group, **kwargs)
+        return run
+
+    chain._all_gather, chain._reduce_scatter = counting(chain._all_gather), counting(chain._reduce_scatter)
+    return total
+
+
 def _worker(rank: int, world: int) -> list[str]:
     import torch.distributed as dist
 
@@ -57,6 +78,7 @@ def _worker(rank: int, world: int) -> list[str]:
     from hybrid_lm.train.context_parallel.memory import relay_context_parallel
 
     dist.init_process_group("gloo")
+    received = _count_received_bytes()
     groups = {2: [dist.new_group([0, 1]), dist.new_group([2, 3])], 4: [dist.new_group([0, 1, 2, 3])]}
     g = torch.Generator().manual_seed(3)
     x_full = torch.randn(B, T, 16, generator=g, dtype=DT)
@@ -77,12 +99,20 @@ def _worker(rank: int, world: int) -> list[str]:
                 x = x_full[:, idx].clone().requires_grad_()
                 fn = mamba2_context_parallel if letter == "M" else relay_context_parallel
                 assert cp_forward_for(layer) is not None
+                before = received[0]
                 y, state = fn(layer, x, doc_ids=doc_full[:, idx], cp=cp, return_state=True)
+                middle = received[0]
                 (y * weight[:, idx]).sum().backward()
+                sent = (middle - before, received[0] - middle)
                 errs = {"y": (y - y_ref[:, idx]).abs().max(), "dx": (x.grad - x_ref.grad[:, idx]).abs().max()}
                 for k, p in layer.named_parameters():
                     dist.all_reduce(p.grad, group=group)
                     errs[f"d{k}"] = (p.grad - grads_ref[k]).abs().max()
+                if letter == "M":
+                    from hybrid_lm.train.context_parallel.mamba2 import communicated_bytes
+
+                    if sent != communicated_bytes(layer, B, cp, DT):  # the docstring's formula
+                        errs[f"bytes {sent} vs {communicated_bytes(layer, B, cp, DT)}"] = torch.tensor(float("inf"))
                 if state is not None:
                     for k, v in state.items():
                         if v.dtype.is_floating_point and v.numel():

@@ -12,8 +12,9 @@ The SSD is linear in its initial state (``kernels/ssd/carry.py``), so per layer 
 4. y += C_t · (prod_{start(s)..t} a) H_in(s) on the slice's first document, then norm and out_proj.
 
 Communication per layer: two all-gathers (halo, then states) of, per slice and batch row,
-``conv_dim * (d_conv-1)`` and ``nheads * (headdim * d_state + 1)`` floats, plus one gather of two
-int64 document ids per slice and row; nothing is sequential between ranks. Backward goes through
+``conv_dim * (d_conv-1)`` activations and ``nheads * (headdim * d_state + 1)`` fp32 (fp64) floats,
+plus one gather of two int64 document ids per slice and row (``communicated_bytes``); nothing is
+sequential between ranks. Backward goes through
 the same gathers (reduce-scatter), ordered by ``chain.CommChain``. Contiguous and zig-zag layouts
 differ only in which rank holds which slice. The fp64 result equals one process to ~1e-15.
 
@@ -62,6 +63,26 @@ def continuation(doc_slices: Optional[torch.Tensor], cp: ContextParallel) -> lis
     ids = by_slice(gather_values(ends, cp.group), cp)
     return [ids[0].new_zeros(ids[0].shape[0], dtype=torch.bool)] + [
         ids[s - 1][:, 1] == ids[s][:, 0] for s in range(1, cp.n_slices)]
+
+
+def communicated_bytes(layer: Mamba2, batch: int, cp: ContextParallel, dtype: torch.dtype = torch.bfloat16,
+                       documents: bool = True) -> tuple[int, int]:
+    """(forward, backward) bytes one rank receives from the others per layer call.
+
+    With N ranks, m = 1 (contiguous) or 2 (zig-zag) slices per rank, e_a / e_s the activation and
+    state element sizes (states are fp32 at least):
+
+        forward  = (N-1) * m * B * (conv_dim * (d_conv-1) * e_a + H * (P * N_state + 1) * e_s + 16)
+        backward = (N-1) * m * B * (conv_dim * (d_conv-1) * e_a + H * (P * N_state + 1) * e_s)
+
+    (the 16 bytes are the first and last document id; backward is the reduce-scatter of the same
+    two buffers). Independent of the sequence length.
+    """
+    e_a = torch.empty((), dtype=dtype).element_size()
+    e_s = torch.empty((), dtype=torch.promote_types(dtype, torch.float32)).element_size()
+    per_row = layer.conv_dim * (layer.d_conv - 1) * e_a + layer.nheads * (layer.headdim * layer.d_state + 1) * e_s
+    rows = (cp.size - 1) * len(cp.slice_ids()) * batch
+    return rows * (per_row + 16 * documents), rows * per_row
 
 
 def _keep(t: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
