@@ -1,4 +1,4 @@
-"""Context parallelism for the recurrent layers (spec 13): Mamba-2's state passing and the memory
+"""Context parallelism for the recurrent layers: Mamba-2's state passing and the memory
 layers' relay equal one process on the whole sequence, in fp64.
 
 One spawn of 4 gloo processes serves every case: CP=2 (two groups of 2 run the same case) and
