@@ -8,7 +8,8 @@ global document segments. Per rank and layer, forward (backward moves the same i
     bytes = (N - 1) / N * B * T * (2 * KV * d * e + 8)
 
 with N the CP size, T the global length, e the activation element size and 8 the int64 doc ids.
-Any head count works; score memory is (T/N) x T per head.
+Any head count works; each local slice [a, b) attends to keys [a - W + 1 or 0, b), so score
+memory per head is at most (T/N) x T (causal zig-zag: about half of that; window W: (T/N) x (T/N + W)).
 
 ``ulysses`` (DeepSpeed-Ulysses): an all-to-all turns (all heads, T/N tokens) into (H/N heads, all
 T tokens), the layer's own attention core runs on the whole sequence for those heads (fast
@@ -95,8 +96,7 @@ def allgather_attention(layer: Attention, x: torch.Tensor, *, doc_ids: Optional[
     """Local queries against the all-gathered K/V. x (B, T_local, D) -> (B, T_local, D)."""
     _check(layer, x, cp)
     batch, t, _ = x.shape
-    qpos = local_positions(cp, device=x.device)
-    q, k, v = _qkv(layer, x, position_ids, qpos)
+    q, k, v = _qkv(layer, x, position_ids, local_positions(cp, device=x.device))
     order = torch.argsort(rank_order_positions(cp, x.device))  # rank order -> global order
 
     def whole(t_: torch.Tensor) -> torch.Tensor:  # (B, KV, Tl, d) -> (B, KV, T, d) in global order
@@ -104,20 +104,22 @@ def allgather_attention(layer: Attention, x: torch.Tensor, *, doc_ids: Optional[
         return g.permute(1, 2, 0, 3, 4).flatten(2, 3)[:, :, order]
 
     keys, values = whole(k), whole(v)
-    # only keys some local query can see: up to the last local position, from the window's start
-    hi = int(qpos.max()) + 1
-    lo = max(0, int(qpos.min()) - layer.window + 1) if layer.window is not None else 0
-    keys, values = keys[:, :, lo:hi], values[:, :, lo:hi]
-    kpos = torch.arange(lo, hi, device=x.device)
-    allowed = kpos[None, :] <= qpos[:, None]  # (Tl, K)
-    if layer.window is not None:
-        allowed = allowed & (qpos[:, None] - kpos[None, :] < layer.window)
-    mask = allowed[None]
     seg = global_segments(doc_ids, cp, batch, x.device)
-    if seg is not None:
-        mask = mask & (seg[:, qpos, None] == seg[:, None, lo:hi])  # (B, Tl, K)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None],
-                                         enable_gqa=layer.n_heads != layer.n_kv_heads)
+    outs, offset = [], 0
+    for a, b in cp.slices():  # per local slice: its keys are [window start, slice end), not the whole row
+        n = b - a
+        lo = max(0, a - layer.window + 1) if layer.window is not None else 0
+        qpos, kpos = torch.arange(a, b, device=x.device), torch.arange(lo, b, device=x.device)
+        allowed = kpos[None, :] <= qpos[:, None]  # (n, K)
+        if layer.window is not None:
+            allowed = allowed & (qpos[:, None] - kpos[None, :] < layer.window)
+        mask = allowed[None]
+        if seg is not None:
+            mask = mask & (seg[:, a:b, None] == seg[:, None, lo:b])  # (B, n, K)
+        outs.append(F.scaled_dot_product_attention(q[:, :, offset:offset + n], keys[:, :, lo:b], values[:, :, lo:b],
+                                                   attn_mask=mask[:, None], enable_gqa=layer.n_heads != layer.n_kv_heads))
+        offset += n
+    out = torch.cat(outs, dim=2)
     return layer.o_proj(out.transpose(1, 2).reshape(batch, t, -1))
 
 
