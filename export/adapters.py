@@ -30,6 +30,8 @@ def select(config: ModelConfig, target: str = "auto") -> Adapter:
         if why is None and adapter.name != "remote" and config.recursion.loops > 1:
             # the native classes have one weight per layer: a looped block (and its per-loop LoRA) is ours only
             why = f"no transformers class loops a shared block (model.recursion.loops={config.recursion.loops})"
+        if why is None and adapter.name != "remote" and config.hmt is not None:
+            why = "no transformers class runs HMT's segment recurrence (model.hmt)"
         if why is None:
             return adapter
         reasons.append(f"  {adapter.name}: {why}")

@@ -21,12 +21,13 @@ from hybrid_lm.export.remote.vendor import vendor
 from hybrid_lm.export.weights import cast, save_sharded
 from hybrid_lm.models.common.registry import get_layer_spec
 from hybrid_lm.models.config import ModelConfig
+from hybrid_lm.models.kinds import tied_keys
 from hybrid_lm.models.model_dir import SpecialIds
 from hybrid_lm.typed_config import to_dict
 
 TEMPLATE = Path(__file__).parent / "template"
-CORE_MODULES = ["hybrid_lm.models.config", "hybrid_lm.models.hybrid", "hybrid_lm.models.common.mixer",
-                "hybrid_lm.models.common.registry", "hybrid_lm.typed_config"]
+CORE_MODULES = ["hybrid_lm.models.config", "hybrid_lm.models.hybrid", "hybrid_lm.models.kinds",
+                "hybrid_lm.models.common.mixer", "hybrid_lm.models.common.registry", "hybrid_lm.typed_config"]
 PREFIX = "model."
 
 
@@ -62,7 +63,7 @@ def write_remote(out_dir: Path, config: ModelConfig, state_dict: dict[str, torch
 
     weights = {PREFIX + k: v for k, v in state_dict.items()}
     if config.tie_embeddings:
-        weights.pop(PREFIX + "lm_head.weight", None)
+        weights.pop(PREFIX + tied_keys(config)[1], None)
     save_sharded(cast(weights, dtype), out_dir, max_shard_size)
 
     hf_config = {

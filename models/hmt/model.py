@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,12 @@ from hybrid_lm.models.attention.layer import Attention
 from hybrid_lm.models.config import ModelConfig
 from hybrid_lm.models.hmt.config import HMTConfig
 from hybrid_lm.models.hybrid import HybridLM, ModelOutput, States
+
+
+#: what ``HMTLM.decode`` continues from: cache (B, n, D), sensory (B, k', D), the open segment's
+#: text embeddings (B, l, D), its memory token (B, D) and the backbone states (batch-first tensors
+#: only, so a transformers cache can reorder or repeat them)
+DecodeState = dict[str, Any]
 
 
 @dataclass
@@ -172,11 +178,12 @@ class HMTLM(nn.Module):
     def recall(self, summary: torch.Tensor, cache: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Memory search. summary (A, D), cache (A, N, D) (zeros where ``valid`` (A, N) is False) ->
         the recalled embedding (A, D): a convex combination of the cached embeddings, weights in fp32."""
-        q = self.recall_q(summary).float()
-        k = self.recall_k(cache).float()
+        acc = torch.promote_types(cache.dtype, torch.float32)  # at least fp32 (fp64 stays fp64)
+        q = self.recall_q(summary).to(acc)
+        k = self.recall_k(cache).to(acc)
         scores = torch.einsum("ah,anh->an", q, k) / math.sqrt(q.shape[-1])
         weights = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
-        return torch.einsum("an,and->ad", weights, cache.float()).to(cache.dtype)
+        return torch.einsum("an,and->ad", weights, cache.to(acc)).to(cache.dtype)
 
     def memory_tokens(self, streams: list[_Stream], texts: list[torch.Tensor]) -> list[torch.Tensor]:
         """The memory token P (D,) of each stream's next segment, given its text embeddings (L_i, D)."""
@@ -292,20 +299,16 @@ class HMTLM(nn.Module):
         return self.backbone.lm_head(hidden[:, -1]), p, new_states
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Segment-by-segment prefill, then token-by-token decoding; greedy when temperature == 0.
+    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, DecodeState]:
+        """input_ids (B, T >= 1) -> (logits of the next token (B, V), the state ``decode`` continues).
 
-        input_ids (B, T >= 1) -> (B, T + max_new_tokens). The prompt's complete segments run through
-        ``forward`` (cache and sensory memory); the segment holding its last token stays open: its
-        memory token is recalled from the tokens it has when it opens (so the first new token's
-        logits are ``forward``'s at the last prompt token), and the backbone decodes with its states.
-        A full segment is closed by stepping its trailing memory token, whose hidden state enters
-        the cache; the next token opens a new segment (the reference's generation loop)."""
-        hmt, (b, t) = self.hmt, input_ids.shape
-        length = hmt.text_length
-        closed = (t - 1) // length * length
-        empty = self.backbone.embed.weight.new_zeros(b, 0, self.config.d_model)
+        The prompt's complete segments run through ``forward`` (cache and sensory memory); the
+        segment holding its last token stays open: its memory token is recalled from the tokens it
+        has when it opens (so these logits are ``forward``'s at the last prompt token), and the
+        backbone decodes on from its states."""
+        t = input_ids.shape[1]
+        closed = (t - 1) // self.hmt.text_length * self.hmt.text_length
+        empty = self.backbone.embed.weight.new_zeros(input_ids.shape[0], 0, self.config.d_model)
         cache, sensory, carried = empty, empty, None
         if closed:
             state: HMTState = self(input_ids[:, :closed], return_states=True).states  # type: ignore[assignment]
@@ -313,7 +316,33 @@ class HMTLM(nn.Module):
             if self.carries_backbone_state:
                 carried = self._stack_states(state.backbone, cache)
         text = self.backbone.embed(input_ids[:, closed:])
-        logits, p, states = self._open_segment(text, cache, sensory, carried)
+        logits, memory, states = self._open_segment(text, cache, sensory, carried)
+        return logits, {"cache": cache, "sensory": sensory, "text": text, "memory": memory, "states": states}
+
+    @torch.no_grad()
+    def decode(self, next_ids: torch.Tensor, state: DecodeState) -> tuple[torch.Tensor, DecodeState]:
+        """One token (B,) after ``state`` -> (logits of the next one (B, V), the new state). A full
+        open segment is first closed by stepping its trailing memory token, whose hidden state enters
+        the cache; the token then opens a new segment (the reference's generation loop)."""
+        hmt = self.hmt
+        cache, sensory, text, memory, states = (state[k] for k in ("cache", "sensory", "text", "memory", "states"))
+        new = self.backbone.embed(next_ids)[:, None]
+        if text.shape[1] < hmt.text_length:
+            logits, states = self.backbone.step(next_ids, states)
+            return logits, {**state, "text": torch.cat([text, new], 1), "states": states}
+        last, states = self.backbone.step_hidden(memory, states)
+        cache = torch.cat([cache, last[:, None]], 1)[:, -hmt.cache_size:]
+        sensory = text[:, text.shape[1] - hmt.sensory_tokens:] if hmt.sensory_tokens else text[:, :0]
+        carried = [s if keep else None for s, keep in zip(states, self._carried)] if self.carries_backbone_state else None
+        logits, memory, states = self._open_segment(new, cache, sensory, carried)
+        return logits, {"cache": cache, "sensory": sensory, "text": new, "memory": memory, "states": states}
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """``prefill``, then ``decode`` token by token; greedy when temperature == 0.
+        input_ids (B, T >= 1) -> (B, T + max_new_tokens)."""
+        logits, state = self.prefill(input_ids)
         tokens = [input_ids]
         for i in range(max_new_tokens):
             if temperature > 0:
@@ -322,19 +351,8 @@ class HMTLM(nn.Module):
             else:
                 nxt = logits.argmax(dim=-1)
             tokens.append(nxt[:, None])
-            if i + 1 == max_new_tokens:
-                break
-            new = self.backbone.embed(nxt)[:, None]
-            if text.shape[1] < length:
-                text = torch.cat([text, new], 1)
-                logits, states = self.backbone.step(nxt, states)
-                continue
-            memory, states = self.backbone.step_hidden(p, states)  # close the full segment
-            cache = torch.cat([cache, memory[:, None]], 1)[:, -hmt.cache_size:]
-            sensory = text[:, text.shape[1] - hmt.sensory_tokens:] if hmt.sensory_tokens else empty
-            carried = [s if keep else None for s, keep in zip(states, self._carried)] if self.carries_backbone_state else None
-            text = new
-            logits, p, states = self._open_segment(text, cache, sensory, carried)
+            if i + 1 < max_new_tokens:
+                logits, state = self.decode(nxt, state)
         return torch.cat(tokens, dim=1)
 
     def flops_per_token(self, seq_len: int) -> float:

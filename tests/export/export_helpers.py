@@ -12,6 +12,7 @@ import torch
 from hybrid_lm.data.tokenizer import Tokenizer
 from hybrid_lm.models.config import ModelConfig
 from hybrid_lm.models.hybrid import HybridLM
+from hybrid_lm.models.kinds import build_lm
 from hybrid_lm.models.model_dir import save_model_dir
 from hybrid_lm.typed_config import from_dict
 
@@ -31,6 +32,10 @@ CASES = {
                      "atlas": {"poly_form": "monomial", "deep_transformer": {"poly_form": "monomial"}}},
     # a relaxed recursive model: 'A-' alone would be a Llama, but looped with per-loop LoRA it is ours only
     "remote_recursive": {"layer_pattern": "M-A-", "recursion": {"loops": 2, "lora_rank": 4}},
+    # HMT: 4 text tokens per segment, so an 11-token prompt and 20 new tokens cross several segment
+    # boundaries; the Mamba-2 state travels between segments (carry_backbone_state)
+    "remote_hmt": {"layer_pattern": "M-A-", "hmt": {"segment_length": 8, "sensory_tokens": 2, "cache_size": 3,
+                                                     "carry_backbone_state": True}},
 }
 
 
@@ -41,7 +46,7 @@ def tiny_config(case: str, **overrides) -> ModelConfig:
 
 def tiny_model(config: ModelConfig, seed: int = 0) -> HybridLM:
     torch.manual_seed(seed)
-    model = HybridLM(config).eval()
+    model = build_lm(config).eval()
     with torch.no_grad():
         # random norms and Mamba parameters, so a swapped or dropped tensor changes the logits
         for name, p in model.named_parameters():

@@ -20,6 +20,11 @@ documents, so every stateful layer restarts at the first real token) and ``posit
 real tokens from 0. The layer contract makes that exact for left padding, and the states after the
 prompt are those of its last document, the real tokens, so cached decoding continues them; right
 padding is harmless for a causal model without a cache.
+
+An HMT model (``model.hmt``, hybrid-lm's ``models/hmt/``) is the same class around ``HMTLM``: its
+cache holds ``HMTLM.prefill``'s decode state (memory cache, sensory memory, the open segment and
+the backbone states), each new token goes through ``HMTLM.decode``, so ``generate`` equals
+``HMTLM.generate``; a padded prompt is refused for cached HMT generation.
 """
 from typing import Any, Optional
 
@@ -30,7 +35,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_hybrid_lm import HybridLMConfig
 from .models_config import ModelConfig
-from .models_hybrid import HybridLM
+from .models_kinds import build_lm, tied_keys
 from .typed_config import from_dict
 from .vendored_files import __name__ as _vendored_files  # noqa: F401  (makes transformers copy them)
 
@@ -91,8 +96,20 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: HybridLMConfig) -> None:
         super().__init__(config)
-        self.model = HybridLM(from_dict(ModelConfig, config.hybrid_lm, "model"))
+        model_config = from_dict(ModelConfig, config.hybrid_lm, "model")
+        self.model = build_lm(model_config)
+        embed, head = tied_keys(model_config)
+        self._tied_weights_keys = {f"model.{head}": f"model.{embed}"}
         self.post_init()
+
+    @property
+    def _stack(self):
+        """The pattern stack holding the embedding and head (an HMT model's backbone)."""
+        return getattr(self.model, "backbone", self.model)
+
+    @property
+    def _is_hmt(self) -> bool:
+        return hasattr(self.model, "prefill")
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -104,16 +121,16 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
         pass
 
     def get_input_embeddings(self):
-        return self.model.embed
+        return self._stack.embed
 
     def set_input_embeddings(self, value):
-        self.model.embed = value
+        self._stack.embed = value
 
     def get_output_embeddings(self):
-        return self.model.lm_head
+        return self._stack.lm_head
 
     def set_output_embeddings(self, value):
-        self.model.lm_head = value
+        self._stack.lm_head = value
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, cache=None, use_cache=None,
                                       next_sequence_length=None, **kwargs):
@@ -153,8 +170,14 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
                 mask = attention_mask.long()
                 doc_ids = mask
                 position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = self.model(input_ids, doc_ids=doc_ids, position_ids=position_ids, return_states=use_cache)
+            hmt = self._is_hmt
+            out = self.model(input_ids, doc_ids=doc_ids, position_ids=position_ids, return_states=use_cache and not hmt)
             logits, states = out.logits, out.states
+            if use_cache and hmt:
+                if doc_ids is not None:
+                    raise ValueError("cached generation of an HMT model does not take a padded prompt")
+                last, states = self.model.prefill(input_ids)
+                logits = torch.cat([logits[:, :-1], last[:, None].to(logits.dtype)], 1)
         if use_cache:
             seen = cache.seen if cache is not None and cache.states is not None else 0
             if cache is None:
@@ -173,6 +196,12 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
         t = input_ids.shape[1]
         if attention_mask is not None and not bool(attention_mask[:, -t:].all()):
             raise ValueError("padding after the cached tokens is not supported: pad on the left of the prompt")
+        if self._is_hmt:
+            logits = []
+            for i in range(t):
+                step_logits, states = self.model.decode(input_ids[:, i], states)
+                logits.append(step_logits)
+            return torch.stack(logits, 1), states
         if t == 1:
             logits, states = self.model.step(input_ids[:, 0], states)
             return logits[:, None], states
