@@ -42,13 +42,9 @@ FAMILY_FORWARDS = ("hybrid_lm.train.context_parallel.mamba2", "hybrid_lm.train.c
 
 
 def load_family_forwards() -> None:
-    """Import every family's CP forward module present in this tree (each registers itself)."""
+    """Import every family's CP forward module (each registers itself on import)."""
     for name in FAMILY_FORWARDS:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:  # a module that exists but fails inside is a bug, not an absent family
-                raise
+        importlib.import_module(name)
 
 
 def check_context_parallel(model_cfg: Any, seq_len: int, par: Any) -> None:
@@ -133,7 +129,6 @@ def apply_context_parallel(model: nn.Module, cp: ContextParallel, *, attention: 
     for layer, fn in plan:  # only after every layer passed: a refusal leaves the model untouched
         if fn is not None:
             _wrap(layer, fn, runtime)
-    model.context_parallel = runtime  # type: ignore[attr-defined]  # for whoever holds only the model
     return runtime
 
 
