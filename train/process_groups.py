@@ -114,32 +114,48 @@ class DeepSpeedMPU:
     """What ``deepspeed.initialize(mpu=...)`` calls, over ``ParallelGroups``: megatron's
     parallel_state lacks ``get_model_parallel_rank``/``_world_size``, which DeepSpeed uses for its
     gradient norm (replicated parameters counted on model-parallel rank 0 only) and checkpoint names.
-    With pipeline parallelism 1 the model-parallel group is the tensor-parallel group."""
+    The model-parallel group is DeepSpeed's: every rank holding another part of one model replica,
+    tensor x pipeline parallel (megatron's ``get_model_parallel_group``; the tensor-parallel group
+    when there is no pipeline). A pipeline engine takes DeepSpeed's own grid as its ``mpu``
+    (``PipelineModule.mpu()``, the same ranks: ``pipeline_engine.pipeline_topology`` checks), so
+    this serves the data-parallel engine and anything asking about the layout."""
 
     def __init__(self, groups: ParallelGroups) -> None:
         self.groups = groups
 
     def get_model_parallel_group(self) -> Any:
-        return self.groups.tp_group
+        if self.groups.pp_size == 1:
+            return self.groups.tp_group
+        return parallel_state().get_model_parallel_group()
 
     def get_model_parallel_rank(self) -> int:
-        return self.groups.tp_rank
+        if self.groups.pp_size == 1:
+            return self.groups.tp_rank
+        return dist.get_rank(self.get_model_parallel_group())
 
     def get_model_parallel_world_size(self) -> int:
-        return self.groups.tp_size
+        return self.groups.tp_size * self.groups.pp_size
 
-    get_tensor_model_parallel_group = get_model_parallel_group
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    def get_tensor_model_parallel_group(self) -> Any:
+        return self.groups.tp_group
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.groups.tp_rank
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.groups.tp_size
 
     def get_tensor_model_parallel_src_rank(self) -> int:
         return dist.get_global_rank(self.groups.tp_group, 0)
 
     def get_pipeline_model_parallel_world_size(self) -> int:
-        return 1
+        return self.groups.pp_size
 
     def get_pipeline_model_parallel_rank(self) -> int:
-        return 0
+        return self.groups.pp_rank
+
+    def get_pipeline_model_parallel_group(self) -> Any:
+        return self.groups.pp_group
 
     # DeepSpeed averages gradients (and shards ZeRO state) over its "data parallel" group: with
     # context parallelism that is data x context (``grad_group``), whose ranks all hold the same

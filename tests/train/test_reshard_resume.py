@@ -57,9 +57,13 @@ def _run(root, name, layout, **train_extra):
 
 def _four_ranks(rank, world_size, root, start):
     from hybrid_lm.train.checkpoint import load_model_state
-    from hybrid_lm.train.process_groups import destroy_process_groups
+    from hybrid_lm.train.process_groups import DeepSpeedMPU, current_groups, destroy_process_groups
 
     out = {"tpxpp": _run(root, "tpxpp", "tp2xpp2", resume=start, stop_at=4)}
+    mpu = DeepSpeedMPU(current_groups())
+    out["mpu"] = (mpu.get_tensor_model_parallel_rank(), mpu.get_pipeline_model_parallel_rank(),
+                  mpu.get_pipeline_model_parallel_world_size(), mpu.get_model_parallel_rank(),
+                  mpu.get_model_parallel_world_size(), mpu.get_data_parallel_world_size())
     destroy_process_groups()  # megatron's groups are per degrees; one training per process does not need this
     out["dptp"] = _run(root, "dptp", "dp2xtp2", resume=out["tpxpp"]["ckpt"], stop_at=5)
     destroy_process_groups()
@@ -89,6 +93,8 @@ def test_runs_continue_across_tensor_pipeline_and_data_parallel_layouts(tmp_path
         for step in steps:
             assert seg["losses"][step] == pytest.approx(ref["losses"][step], rel=1e-5, abs=1e-6), (name, step)
             assert seg["norms"][step] == pytest.approx(ref["norms"][step], rel=1e-5), (name, step)
+    # DeepSpeed's model-parallel group is tensor x pipeline: rank = stage * 2 + TP rank, as its grid says
+    assert [r["mpu"] for r in four] == [(r % 2, r // 2, 2, r, 4, 1) for r in range(4)]
     for key in ("tpxpp", "dptp", "dppp"):  # every rank logs the same global loss
         assert all(r[key]["losses"] == four[0][key]["losses"] for r in four), key
     # tokens: each pipeline's and TP group's losses counted once; the counters carry over
