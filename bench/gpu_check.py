@@ -269,7 +269,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         configs, over, steps, warmup = [ROOT / "configs/debug.yaml"], [], 2, 1
     results = []
     for path in configs:
-        r = throughput(path, over, steps, warmup, device, spec)
+        try:
+            r = throughput(path, over, steps, warmup, device, spec)
+        except Exception as exc:  # report it and measure the other model
+            print(f"  {path.name}: ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", flush=True)
+            failed.append(f"{path.name} {type(exc).__name__}")
+            continue
         results.append(r)
         finite = all(l == l and abs(l) != float("inf") for l in r["loss"])
         if not finite:
