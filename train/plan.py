@@ -171,16 +171,22 @@ def _backbone(model: nn.Module) -> nn.Module:
     return getattr(model, "backbone", model)
 
 
-def activation_bytes_per_token(model: nn.Module, *, act_bytes: int, fused: bool, tp: int = 1) -> list[float]:
-    """Bytes per token each block keeps for backward (block norm + layer), layer internals split
-    over ``tp`` tensor-parallel ranks (block inputs and norms are replicated: no sequence parallel)."""
+def activation_bytes_per_token(model: nn.Module, *, act_bytes: int, fused: bool, tp: int = 1, cp: int = 1) -> list[float]:
+    """Bytes per local token each block keeps for backward (block norm + layer), layer internals
+    split over ``tp`` tensor-parallel ranks (block inputs and norms are replicated: no sequence
+    parallel). With ``cp`` context-parallel ranks attention also keeps the K/V it gathered from the
+    others ((cp - 1) x the kv width per local token); a looped (recursive) stack keeps each block's
+    activations once per loop."""
     stack = _backbone(model)
     cfg = stack.config
+    loops = getattr(stack, "loops", 1)
     out = []
     for block in stack.blocks:
         la, lf = _layer_elements(block.letter, block.layer, cfg, fused)
+        if block.letter == "A" and cp > 1:
+            la += 2.0 * block.layer.n_kv_heads * block.layer.head_dim * (cp - 1)
         ba, bf = _block_elements(cfg.d_model)
-        out.append(ba * act_bytes + bf * 4 + (la * act_bytes + lf * 4) / tp)
+        out.append(loops * (ba * act_bytes + bf * 4 + (la * act_bytes + lf * 4) / tp))
     return out
 
 
@@ -245,10 +251,11 @@ def plan(cfg: ModelConfig, layout: Layout, gpu: GpuSpec, *, mfu: float = 0.4, ch
     optimizer = 0.0 if layout.cpu_offload else ob * local / (shards if layout.zero_stage >= 1 else 1)
 
     act_bytes = 4 if layout.dtype == "fp32" else 2
-    per_block = activation_bytes_per_token(model, act_bytes=act_bytes, fused=fused, tp=tp)
+    per_block = activation_bytes_per_token(model, act_bytes=act_bytes, fused=fused, tp=tp, cp=layout.context_parallel)
     head = head_bytes_per_token(model, act_bytes=act_bytes)
     tokens = layout.micro_batch_size * layout.seq_len // layout.context_parallel
     letters = [b.letter for b in stack.blocks]
+    loops = getattr(stack, "loops", 1)
 
     def stage_max(recomputed: str) -> float:
         """Worst stage's activation bytes when the blocks of the ``recomputed`` letters are checkpointed:
@@ -257,7 +264,7 @@ def plan(cfg: ModelConfig, layout: Layout, gpu: GpuSpec, *, mfu: float = 0.4, ch
         worst = 0.0
         for s, (a, b) in enumerate(bounds):
             in_flight = min(pp - s, layout.micro_batches)  # 1F1B: stage s holds pp - s micro-batches
-            kept = sum(cfg.d_model * act_bytes if letters[i] in recomputed else per_block[i] for i in range(a, b))
+            kept = sum(loops * cfg.d_model * act_bytes if letters[i] in recomputed else per_block[i] for i in range(a, b))
             rebuilt = max((per_block[i] for i in range(a, b) if letters[i] in recomputed), default=0.0)
             worst = max(worst, tokens * (in_flight * kept + rebuilt + (head if s == pp - 1 else 0.0)))
         return worst

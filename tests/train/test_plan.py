@@ -95,6 +95,13 @@ def test_weights_gradients_optimizer_by_zero_stage_and_split():
     assert staged.activations == pytest.approx(max(stage0, stage1))
     flops = 3 * model.flops_per_token(64) * 64 * 4  # a step's time is its FLOPs at the MFU
     assert staged.step_time_s == pytest.approx(flops / (2 * H100.peak_bf16 * 0.4))
+    # context parallel: ZeRO shards over data x context ranks, each rank holds half the tokens plus
+    # the K/V it gathered (kv width 64 per token, bf16)
+    single = plan(cfg, Layout(gpus=2, zero_stage=1, micro_batch_size=1, seq_len=64), H100)
+    split = plan(cfg, Layout(gpus=2, context_parallel=2, zero_stage=1, micro_batch_size=1, seq_len=64), H100)
+    assert (split.weights, split.optimizer) == (single.weights, single.optimizer) == (2 * n, 12 * n / 2)
+    gathered = 32 * 2 * 2 * 64 * 2  # tokens x attention layers x (K, V) x kv width x bf16 bytes
+    assert split.activations == pytest.approx(single.activations / 2 + gathered)
 
 
 def test_cli_exit_codes(capsys):
