@@ -8,15 +8,17 @@ global document segments. Per rank and layer, forward (backward moves the same i
     bytes = (N - 1) / N * B * T * (2 * KV * d * e + 8)
 
 with N the CP size, T the global length, e the activation element size and 8 the int64 doc ids.
-Any head count works; each local slice [a, b) attends to keys [a - W + 1 or 0, b), so score
-memory per head is at most (T/N) x T (causal zig-zag: about half of that; window W: (T/N) x (T/N + W)).
+Any head count works; each local slice [a, b) attends only to keys from the earliest one its
+queries may see (the window's start, the start of the document at a) up to b, so scores per head
+are (T/N) x (T/N + min(W, document length)) with packed documents or a window, at most (T/N) x T.
 
 ``ulysses`` (DeepSpeed-Ulysses): an all-to-all turns (all heads, T/N tokens) into (H/N heads, all
 T tokens), the layer's own attention core runs on the whole sequence for those heads (fast
 ``is_causal`` and blocked-window paths included), a second all-to-all turns the output back.
-Needs H % N == 0; kv-heads are split too when KV % N == 0, else repeated to H first. Its memory is
-the one-process layer's for H/N heads: with packed documents on SDPA the (T, T) mask does not
-shrink with N (flash-attn varlen, used on CUDA half precision as in the layer, has none). Forward:
+Needs H % N == 0; kv-heads are split too when KV % N == 0, else repeated to H first. Each rank
+attends over the whole sequence for its H/N heads: flash-attn varlen on CUDA half precision (as
+the layer), else query blocks of T/N tokens against their own key ranges, so no (T, T) mask is
+built, but the blocks' masks and scores add up to T x (T/N + document) per head. Forward:
 
     bytes = (N - 1) / N * B * (T/N) * d * e * (2 * H + 2 * KV') + (N - 1) / N * B * T * 8
 
@@ -106,44 +108,53 @@ def allgather_attention(layer: Attention, x: torch.Tensor, *, doc_ids: Optional[
     keys, values = whole(k), whole(v)
     seg = global_segments(doc_ids, cp, batch, x.device)
     outs, offset = [], 0
-    for a, b in cp.slices():  # per local slice: its keys are [window start, slice end), not the whole row
-        n = b - a
-        lo = max(0, a - layer.window + 1) if layer.window is not None else 0
-        qpos, kpos = torch.arange(a, b, device=x.device), torch.arange(lo, b, device=x.device)
-        allowed = kpos[None, :] <= qpos[:, None]  # (n, K)
-        if layer.window is not None:
-            allowed = allowed & (qpos[:, None] - kpos[None, :] < layer.window)
-        mask = allowed[None]
-        if seg is not None:
-            mask = mask & (seg[:, a:b, None] == seg[:, None, lo:b])  # (B, n, K)
-        outs.append(F.scaled_dot_product_attention(q[:, :, offset:offset + n], keys[:, :, lo:b], values[:, :, lo:b],
-                                                   attn_mask=mask[:, None], enable_gqa=layer.n_heads != layer.n_kv_heads))
-        offset += n
+    for a, b in cp.slices():
+        outs.append(_attend_range(q[:, :, offset:offset + b - a], keys, values, a, seg, layer.window))
+        offset += b - a
     out = torch.cat(outs, dim=2)
     return layer.o_proj(out.transpose(1, 2).reshape(batch, t, -1))
 
 
+def _attend_range(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
+                  seg: Optional[torch.Tensor], window: Optional[int]) -> torch.Tensor:
+    """Queries at global positions [start, start + n) against the keys they may see.
+
+    q (B, h, n, d); keys/values (B, kv, T, d) in global order; seg (B, T) global segment index or
+    None -> (B, h, n, d). Only keys from the earliest one any query can see (the window's start, the
+    start of the first query's document in any row) up to the last query are used, so the mask and
+    scores are (n, n + min(window, document)) rather than (n, T) for packed documents."""
+    n = q.size(2)
+    stop = start + n
+    lo = max(0, start - window + 1) if window is not None else 0
+    if seg is not None:  # seg is non-decreasing: the positions before the first query's document
+        lo = max(lo, int((seg < seg[:, start:start + 1]).sum(dim=1).min()))
+    qpos, kpos = torch.arange(start, stop, device=q.device), torch.arange(lo, stop, device=q.device)
+    allowed = kpos[None, :] <= qpos[:, None]  # (n, K)
+    if window is not None:
+        allowed = allowed & (qpos[:, None] - kpos[None, :] < window)
+    mask = allowed[None]
+    if seg is not None:
+        mask = mask & (seg[:, start:stop, None] == seg[:, None, lo:stop])  # (B, n, K)
+    return F.scaled_dot_product_attention(q, keys[:, :, lo:stop], values[:, :, lo:stop], attn_mask=mask[:, None],
+                                          enable_gqa=q.size(1) != keys.size(1))
+
+
 def _core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Optional[torch.Tensor],
-          window: Optional[int], backend: str) -> torch.Tensor:
-    """The cache-free attention of ``Attention.forward`` on a whole sequence (the same paths:
-    flash-attn varlen on CUDA half precision, else SDPA causal / blocked window / explicit mask).
-    q (B, h, T, d), k/v (B, kv, T, d), seg (B, T) or None -> (B, h, T, d)."""
+          window: Optional[int], backend: str, block: int) -> torch.Tensor:
+    """The cache-free attention of ``Attention.forward`` on a whole sequence: flash-attn varlen on
+    CUDA half precision, SDPA ``is_causal`` without documents and window, the blocked window path
+    for long windowed rows, else query blocks of ``block`` tokens against their own key ranges
+    (``_attend_range``: no (T, T) mask). q (B, h, T, d), k/v (B, kv, T, d), seg (B, T) or None ->
+    (B, h, T, d)."""
     batch, _, t, _ = q.shape
     if flash_usable(q, backend, False):  # pragma: no cover - CUDA only
         return flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), seg, window).transpose(1, 2)
-    gqa = q.size(1) != k.size(1)
     if seg is None and window is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    if seg is None:
-        seg = torch.zeros(batch, t, dtype=torch.long, device=q.device)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.size(1) != k.size(1))
     if window is not None and t > 2 * window:
-        return blocked_window_attention(q, k, v, seg, window)
-    idx = torch.arange(t, device=q.device)
-    allowed = idx[None, :] <= idx[:, None]
-    if window is not None:
-        allowed = allowed & (idx[:, None] - idx[None, :] < window)
-    mask = allowed[None] & (seg[:, :, None] == seg[:, None, :])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
+        zeros = torch.zeros(batch, t, dtype=torch.long, device=q.device)
+        return blocked_window_attention(q, k, v, zeros if seg is None else seg, window)
+    return torch.cat([_attend_range(q[:, :, a:a + block], k, v, a, seg, window) for a in range(0, t, block)], dim=2)
 
 
 def ulysses_attention(layer: Attention, x: torch.Tensor, *, doc_ids: Optional[torch.Tensor],
@@ -168,7 +179,7 @@ def ulysses_attention(layer: Attention, x: torch.Tensor, *, doc_ids: Optional[to
         return got.permute(1, 2, 0, 3, 4).reshape(b, h // n, n * tl, d)[:, :, order]
 
     seg = global_segments(doc_ids, cp, batch, x.device)
-    out = _core(to_heads(q), to_heads(k), to_heads(v), seg, layer.window, layer.backend)  # (B, H/N, T, d)
+    out = _core(to_heads(q), to_heads(k), to_heads(v), seg, layer.window, layer.backend, t)  # (B, H/N, T, d)
     b, hn, _, d = out.shape
     rows = out[:, :, inverse].view(b, hn, n, t, d).permute(2, 0, 1, 3, 4)  # row j: rank j's tokens
     back = all_to_all(rows, cp.group)  # row j: head chunk j over my tokens
