@@ -69,22 +69,38 @@ class Block(nn.Module):
         return x + y, new_state
 
 
+def _rng_devices() -> list[int]:
+    return [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+
+
 class HybridLM(nn.Module):
+    """The stack. ``HybridLM(cfg)`` is initialised (``init_weights``) from the RNG state at the call.
+
+    Built under ``with torch.device("meta"):`` it allocates nothing and is not initialised: give it
+    storage and weights later (``hybrid_lm.train.meta_init``: after tensor parallelism has cut it,
+    so a rank only ever allocates its shard). Both ways give the same weights from the same RNG
+    state, because the submodules' own constructor inits (which ``init_weights`` overwrites) draw
+    from a forked RNG and every parameter is set by ``init_weights``.
+    """
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_blocks))
-        self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
-        rec = config.recursion
-        self.loops = rec.loops
-        self.loop = LoopIndex()
-        if rec.lora_rank:
-            apply_loop_lora(self.blocks, loops=rec.loops, rank=rec.lora_rank, targets=rec.lora_targets, loop=self.loop)
-        self.init_weights()
+        with torch.random.fork_rng(devices=_rng_devices()):
+            self.embed = nn.Embedding(config.vocab_size, config.d_model)
+            self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_blocks))
+            self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+            if config.tie_embeddings:
+                self.lm_head.weight = self.embed.weight
+            rec = config.recursion
+            self.loops = rec.loops
+            self.loop = LoopIndex()
+            if rec.lora_rank:
+                apply_loop_lora(self.blocks, loops=rec.loops, rank=rec.lora_rank, targets=rec.lora_targets,
+                                loop=self.loop)
+        if not self.embed.weight.is_meta:
+            self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -105,6 +121,8 @@ class HybridLM(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, nn.RMSNorm):  # ones; set here so that no parameter keeps a constructor value
+                module.reset_parameters()
         if self.config.rescale_prenorm_residual:
             scale = 1.0 / math.sqrt(self.config.n_blocks)
             for p in self.parameters():

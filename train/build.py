@@ -86,10 +86,22 @@ def _init_state_dict(source: Path, model_cfg: ModelConfig) -> dict[str, torch.Te
     return state
 
 
-def build_model(model_cfg: ModelConfig, *, seed: int, init_from: Optional[str], resuming: bool) -> torch.nn.Module:
+def build_model(model_cfg: ModelConfig, *, seed: int, init_from: Optional[str], resuming: bool,
+                meta: bool = False) -> torch.nn.Module:
     """The model of ``model_cfg``'s kind (``models/kinds.py``) with identical weights on every rank:
     seeded init, then ``init_from`` weights unless a checkpoint is about to overwrite them anyway
-    (an HMT model also takes a plain stack's weights as its backbone)."""
+    (an HMT model also takes a plain stack's weights as its backbone).
+
+    ``meta=True`` (and no ``init_from``): a plain stack comes back on the meta device, without
+    storage, for the engine to split and then materialise from ``seed`` (``train/meta_init.py``);
+    the weights are the same."""
+    if meta and not init_from:
+        from hybrid_lm.models.hybrid import HybridLM
+
+        with torch.device("meta"):
+            model = build_lm(model_cfg)
+        if type(model) is HybridLM:
+            return model
     seed_everything(seed)
     model = build_lm(model_cfg)
     if init_from and not resuming:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import torch
 from torch import nn
 
 from hybrid_lm.train import distributed as D
@@ -83,6 +84,7 @@ def build_engine(model: nn.Module, cfg: JobConfig, info: D.DistInfo) -> Engine:
     groups, mpu, data_parallel = None, None, info.world_size
     if par.tensor_parallel > 1:
         from hybrid_lm.train.process_groups import DeepSpeedMPU, init_process_groups
+        from hybrid_lm.train.meta_init import is_meta, materialize
         from hybrid_lm.train.tensor_parallel import apply_tensor_parallel
 
         try:
@@ -94,6 +96,8 @@ def build_engine(model: nn.Module, cfg: JobConfig, info: D.DistInfo) -> Engine:
         # before the optimizer, which must hold the shards, not the full parameters (and before a
         # pipeline keeps its stage: every layer is cut alike, the other stages' then freed)
         apply_tensor_parallel(model, groups)
+        if is_meta(model):  # built on the meta device (_train): allocate and initialise this rank's shards only
+            materialize(model, torch.device("cpu"), seed=cfg.train.seed, groups=groups)
         mpu, data_parallel = DeepSpeedMPU(groups), groups.dp_size
         if info.is_main and par.pipeline_parallel == 1:
             print(f"[tensor-parallel] {groups.tp_size} tensor parallel x {groups.dp_size} data parallel", flush=True)
@@ -159,7 +163,9 @@ def _train(cfg: JobConfig, info: D.DistInfo, make_loader: Optional[LoaderFactory
     run_dir, ckpt_root, tok = Path(cfg.train.run_dir), cfg.checkpoint_dir, tokenizer_file(cfg.data)
     check_tokenizer_fits(cfg.model, tok, data_dir=Path(cfg.data.path) if cfg.data.path else None)
     resume_from = manager.find_resume(cfg.train.resume, ckpt_root)
-    model = build_model(cfg.model, seed=cfg.train.seed, init_from=cfg.train.init_from, resuming=resume_from is not None)
+    # with tensor parallelism the model is built on the meta device and each rank allocates only its shards
+    model = build_model(cfg.model, seed=cfg.train.seed, init_from=cfg.train.init_from, resuming=resume_from is not None,
+                        meta=cfg.parallel.tensor_parallel > 1)
     train_flops = 3.0 * model.flops_per_token(cfg.data.seq_len)  # the whole model's, whatever the engine keeps
     if info.is_main:
         print(model_summary(model, cfg.data.seq_len), flush=True)

@@ -108,6 +108,9 @@ def _worker(rank: int, world_size: int, cases: dict) -> dict:
         results["comm"] = _comm_volume(groups)
     except Exception:  # noqa: BLE001 - reported by its test
         results["comm"] = {"error": traceback.format_exc()}
+    from test_meta_init import meta_init_case  # issue 15's TP cases share this spawn's start-up
+
+    results["meta_init"] = meta_init_case(groups)
     return results
 
 
@@ -227,3 +230,12 @@ def test_tp2_communication_volume_equals_bench_formula(tp2_results):
         assert res["calls"] == {"A": 4 * layers, "stack": 3}, rank
         assert res["measured"]["A"] / (tokens * layers) == res["formula"]["A"] == 4 * 4 * D
         assert res["measured"]["stack"] / tokens == res["formula"]["stack"] == 4 * (2 * D + V)
+
+
+def test_tp2_meta_init_allocates_only_the_shards(tp2_results):
+    """Built on the meta device, split, then materialised: each rank allocates only its shards,
+    equal to the eager model's cut; activation checkpointing on the split model is exact
+    (``test_meta_init.meta_init_case``)."""
+    from test_meta_init import check_meta_init_tp2
+
+    check_meta_init_tp2([results["meta_init"] for results in tp2_results])
