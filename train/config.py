@@ -26,6 +26,7 @@ from hybrid_lm.train.parallelize import ParallelConfig
 from hybrid_lm.train.pipeline import check_pipeline
 from hybrid_lm.train.schedules import ScheduleConfig, build_lr_schedule
 from hybrid_lm.train.state_passing import check_state_passing
+from hybrid_lm.train.sequence_parallel import check_sequence_parallel
 from hybrid_lm.train.tensor_parallel import check_tensor_parallel
 from hybrid_lm.typed_config import ConfigError, apply_overrides, from_dict, load_file, to_dict
 
@@ -114,6 +115,7 @@ class JobConfig:
         check_pipeline(self.model, self.parallel.pipeline_parallel)  # the pattern can make the stages
         # heads, groups, MLP width, vocab: each family's requirements
         check_tensor_parallel(self.model, self.parallel.tensor_parallel)
+        check_sequence_parallel(self.data.seq_len, self.parallel)  # a TP group and seq_len it divides
         # slices divide the sequence, Ulysses heads, a CP forward for every stateful letter
         check_context_parallel(self.model, self.data.seq_len, self.parallel)
         check_activation_checkpointing(self.model, self.parallel.activation_checkpointing,

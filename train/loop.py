@@ -98,6 +98,11 @@ def build_engine(model: nn.Module, cfg: JobConfig, info: D.DistInfo) -> Engine:
         apply_tensor_parallel(model, groups)
         if is_meta(model):  # built on the meta device (_train): allocate and initialise this rank's shards only
             materialize(model, torch.device("cpu"), seed=cfg.train.seed, groups=groups)
+        if par.sequence_parallel:  # the residual stream split along the sequence over the TP group (after
+            # the weights exist: it hooks the norm parameters)
+            from hybrid_lm.train.sequence_parallel import apply_sequence_parallel
+
+            apply_sequence_parallel(model, groups)
         mpu, data_parallel = DeepSpeedMPU(groups), groups.dp_size
         if info.is_main and par.pipeline_parallel == 1:
             print(f"[tensor-parallel] {groups.tp_size} tensor parallel x {groups.dp_size} data parallel", flush=True)

@@ -52,6 +52,10 @@ class ParallelConfig:
     tensor_parallel: int = 1
     """ranks that split each layer by heads / hidden units (megatron-core layout, ``train/tensor_parallel.py``);
     the model's head counts, vocab and MLP width must be divisible by it (checked at config load)"""
+    sequence_parallel: bool = False
+    """with tensor_parallel > 1: split the activations between layers (residual stream, norms) along the
+    sequence over the tensor-parallel group, Megatron-style (``train/sequence_parallel.py``);
+    data.seq_len must divide by tensor_parallel"""
     pipeline_parallel: int = 1
     """pipeline stages (DeepSpeed's pipeline engine, ``train/pipeline_engine.py``): the layer pattern is
     cut at its ``|`` marks, else balanced by FLOPs per token; ZeRO 0-1 only"""
