@@ -29,8 +29,6 @@ import torch
 
 import synthetic
 
-pytestmark = pytest.mark.distributed
-
 #: attention + MLP twice, tied head; 2 heads and the MLP split over 2 TP ranks, one pair per stage
 MODEL = {"vocab_size": 64, "d_model": 32, "attention": {"n_heads": 2}, "mlp": {"hidden_size": 32}}
 LAYOUTS = {  # name: (parallel section, gradient accumulation): 4 sequences of micro-batch 2 per step
@@ -73,6 +71,7 @@ def _four_ranks(rank, world_size, root, start):
     return out
 
 
+@pytest.mark.distributed
 def test_runs_continue_across_tensor_pipeline_and_data_parallel_layouts(tmp_path):
     from distributed_utils import run_distributed
 
@@ -107,3 +106,18 @@ def test_runs_continue_across_tensor_pipeline_and_data_parallel_layouts(tmp_path
     for name, value in one.items():
         torch.testing.assert_close(torch.from_numpy(four[0]["weights"][name]), value,
                                    rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_a_data_parallel_size_change_needs_a_loader_that_remaps_its_cursors():
+    from hybrid_lm.train.checkpoint import CheckpointError
+    from hybrid_lm.train.checkpoint.reshard import loader_state
+
+    class ShardLoader:  # like data/loader.py's: no remap_state_dicts
+        pass
+
+    saved = [{"cursor": 3}, {"cursor": 3}]  # two old data ranks, after 3 batches each
+    with pytest.raises(CheckpointError, match="saved with 2 data-parallel ranks; ShardLoader cannot remap"):
+        loader_state(ShardLoader(), saved)
+    assert loader_state(ShardLoader(), {"cursor": 3}) == {"cursor": 3}  # same size: this data rank's own
+    assert loader_state(synthetic.SyntheticLoader("train", 0, 1), saved) == {"cursor": 6}
+    assert loader_state(synthetic.SyntheticLoader("train", 1, 3), [{"cursor": 3}] * 2) == {"cursor": 2}
