@@ -59,12 +59,19 @@ class MemoryUpdateConfig:
     chunk of 64 (measured). At initialisation token gradients have norm ~1.4-2.2, so it acts as a
     gentle normalisation. None switches it off (the
     paper's plain rule); Muon (``atlas.optimizer: muon``) is bounded by its orthogonalisation."""
+    retention_mult: float = 1.0
+    """state-collapse knob (the memory's decay multiplier, as Stuffed Mamba's for Mamba-2): every
+    token's retention 1 - alpha_t is multiplied by this, in (0, 1], so the memory forgets at least
+    that much per token (also a memory without a forget gate, ``D``). 1 leaves the layer bitwise
+    unchanged; set at inference (``model.titans.retention_mult=0.99``) or in training"""
 
     def validate(self) -> None:
         """Values impossible for any memory layer."""
         require_at_least(self, 1, "memory_depth", "memory_expansion", "chunk_size")
         require_at_least(self, 0, "conv_size")
-        require_positive(self, "theta_max", "max_grad_norm")  # max_grad_norm: null switches the clamp off
+        require_positive(self, "theta_max", "max_grad_norm", "retention_mult")  # max_grad_norm: null = no clamp
+        if not self.retention_mult <= 1.0:  # a retention above 1 grows the memory without bound
+            raise InvalidValue("retention_mult", f"must be in (0, 1], got {self.retention_mult}")
 
 
 @dataclass(kw_only=True)

@@ -150,6 +150,8 @@ class NeuralMemory(Layer):
         theta = s.theta_max * torch.sigmoid(g["theta"])
         eta = torch.sigmoid(g["eta"]) if s.momentum else torch.zeros_like(theta)
         alpha = torch.sigmoid(g["alpha"]) if s.decay else torch.zeros_like(theta)
+        if s.retention_mult != 1.0:  # one place for the chunked and the step path (step runs forward)
+            alpha = 1.0 - (1.0 - alpha) * s.retention_mult
         gamma = torch.sigmoid(g["gamma"]) if c > 1 else torch.ones_like(theta)
         if c > 1:
             packed = torch.cat([k.flatten(2), v.flatten(2), gamma], dim=-1)

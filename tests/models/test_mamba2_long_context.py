@@ -1,6 +1,6 @@
-"""Stuffed Mamba's state-collapse mitigations on the Mamba-2 layer (models/mamba2/README.md):
+"""Stuffed Mamba's state-collapse mitigations (kernels/ssd/README.md, Long context): on Mamba-2,
 multiplier neutrality, forgetting, chunked == decode with a knob on, state normalisation and the
-windowed state's identity."""
+windowed state's identity; the memory letters' retention multiplier."""
 
 import pytest
 import torch
@@ -132,3 +132,34 @@ def test_layer_window_matches_kernel_and_refuses_step():
     torch.testing.assert_close(y[:, :5], make_layer()(x)[0][:, :5], rtol=0, atol=1e-12)  # window not yet full
     with pytest.raises(NotImplementedError, match="state_window"):
         layer.step(x[:, 0], None)
+
+
+def _memory(retention=1.0, letter="T"):
+    cfg = ModelConfig(d_model=16, layer_pattern=f"{letter}-", vocab_size=23)
+    cfg.titans.n_heads, cfg.titans.chunk_size, cfg.titans.memory_expansion = 2, 2, 2
+    cfg.titans.retention_mult = retention
+    torch.manual_seed(0)
+    from hybrid_lm.models.common.registry import get_layer_spec
+
+    return get_layer_spec(letter).build(cfg, 0).double()
+
+
+def test_titans_retention_mult_neutral_bitwise_forgets_and_decodes_alike():
+    x = torch.randn(2, 9, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y0, s0 = _memory()(x, return_state=True)
+    y1, s1 = _memory(1.0)(x, return_state=True)
+    assert torch.equal(y0, y1) and all(torch.equal(s0[k], s1[k]) for k in s0)
+    layer = _memory(0.8)
+    y, state = layer(x, return_state=True)
+    assert not torch.allclose(y, y0)
+    st, outs = layer.init_state(2, device=x.device, dtype=x.dtype), []
+    for t in range(x.size(1)):
+        yt, st = layer.step(x[:, t], st)
+        outs.append(yt)
+    torch.testing.assert_close(torch.stack(outs, 1), y, rtol=1e-10, atol=1e-10)
+    # stronger forgetting pulls the memory weights towards zero on a constant input
+    const = torch.full((1, 32, 16), 0.3, dtype=torch.float64)
+    weights = [k for k in s0 if k.startswith("w")]
+    norms = [sum(float(s[k].detach().norm()) for k in weights)
+             for s in (_memory(r)(const, return_state=True)[1] for r in (1.0, 0.95, 0.8))]
+    assert weights and norms[0] > norms[1] > norms[2]
