@@ -2,7 +2,7 @@
 
 ``model.hmt: null`` (the default) is the plain pattern stack; a ``model.hmt`` section turns the same
 stack into the backbone of a segment-recurrent HMT model (``models/hmt/model.py``). Defaults follow
-the official HMT-pytorch code (``hmt_src/main.py``) except where a field says otherwise.
+the official HMT-pytorch code (its ``main.py``) except where a field says otherwise.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ both implement on subgroups are used.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -129,31 +129,84 @@ class _Recv(torch.autograd.Function):
         return (None, None, None, *[None] * len(ctx.floating))
 
 
-class CommChain:
-    """One layer's communication over a CP group, ordered for backward (module docstring)."""
+def recomputing() -> bool:
+    """True while a backward pass runs: a forward now is activation checkpointing's recompute."""
+    return torch._C._current_graph_task_id() != -1
 
-    def __init__(self, x: torch.Tensor, group: Any) -> None:
+
+class CommChain:
+    """One layer's communication over a CP group, ordered for backward (module docstring).
+
+    ``replay`` is a list the layer keeps across calls (``replay_log``). Under activation
+    checkpointing the block's forward runs again inside the backward pass; communicating then
+    would deadlock the relay (rank r waits in a backward receive while rank r+1's recompute waits
+    for r's forward send) and repeat every collective. So a forward records what each op
+    returned, and a recompute replays those values, with the same ``requires_grad`` so that the
+    recompute saves the same tensors, and communicates nothing. The recorded values are those of
+    the layer's last forward: right for a backward that follows its own forward (gradient
+    accumulation runs one micro-batch's forward and backward before the next).
+    """
+
+    def __init__(self, x: torch.Tensor, group: Any, replay: Optional[list[Any]] = None) -> None:
         self.group = group
+        self.replaying = replay is not None and recomputing()
+        self.log: list[Any] = [] if replay is None else replay
+        if replay is not None and not self.replaying:
+            replay.clear()
+        self.step = 0
         self.token = x.new_zeros(0)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and not self.replaying:
             # a leaf token when x needs no gradient: received states must still carry one back
             self.token = _Start.apply(x) if x.requires_grad else self.token.requires_grad_()
 
-    def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """t (...) on each of N ranks -> (N, ...) in group-rank order."""
-        out, self.token = _Gather.apply(self.token, t, self.group)
+    def _record(self, out: Any) -> Any:
+        self.log.append([(t.detach(), t.requires_grad) for t in out] if isinstance(out, list) else
+                        (out.detach(), out.requires_grad))
         return out
 
+    def _replayed(self) -> Any:
+        entry = self.log[self.step]
+        self.step += 1
+        if isinstance(entry, list):
+            return [t.requires_grad_(g) if g else t for t, g in entry]
+        t, g = entry
+        return t.requires_grad_(g) if g else t
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """t (...) on each of N ranks -> (N, ...) in group-rank order."""
+        if self.replaying:
+            return self._replayed()
+        out, self.token = _Gather.apply(self.token, t, self.group)
+        return self._record(out)
+
+    def values(self, t: torch.Tensor) -> torch.Tensor:
+        """Integer metadata (document ids): t (...) -> (N, ...), no autograd."""
+        if self.replaying:
+            return self._replayed()
+        return self._record(gather_values(t, self.group))
+
     def send(self, tensors: Sequence[torch.Tensor], dst: int) -> None:
-        self.token = _Send.apply(self.token, self.group, dst, *tensors)
+        if not self.replaying:
+            self.token = _Send.apply(self.token, self.group, dst, *tensors)
 
     def recv(self, templates: Sequence[torch.Tensor], src: int) -> list[torch.Tensor]:
+        if self.replaying:
+            return self._replayed()
         *outs, self.token = _Recv.apply(self.token, self.group, src, *templates)
-        return list(outs)
+        return self._record(list(outs))
 
     def attach(self, y: torch.Tensor) -> torch.Tensor:
         """y unchanged, with the chain on its backward path."""
         return _Attach.apply(y, self.token) if self.token.requires_grad else y
+
+
+def replay_log(layer: Any) -> list[Any]:
+    """The list ``CommChain`` records a layer's received values in (kept on the layer instance)."""
+    log = layer.__dict__.get("_cp_replay")
+    if log is None:
+        log = []
+        layer.__dict__["_cp_replay"] = log
+    return log
 
 
 def gather_values(t: torch.Tensor, group: Any) -> torch.Tensor:

@@ -35,7 +35,7 @@ from hybrid_lm.models.mamba2 import backends
 from hybrid_lm.models.mamba2.conv import causal_conv, final_conv_state
 from hybrid_lm.models.mamba2.layer import Mamba2
 from hybrid_lm.train.context_parallel import ContextParallel, register_cp_forward
-from hybrid_lm.train.context_parallel.chain import CommChain, gather_values
+from hybrid_lm.train.context_parallel.chain import CommChain, replay_log
 
 _NEUTRAL = {"dt_mult": 1.0, "a_mult": 1.0, "decay_mult": 1.0, "b_mult": 1.0, "state_norm_max": None, "state_window": None}
 
@@ -52,7 +52,8 @@ def by_slice(gathered: torch.Tensor, cp: ContextParallel) -> list[torch.Tensor]:
     return [gathered[owner(cp, s)] for s in range(cp.n_slices)]
 
 
-def continuation(doc_slices: Optional[torch.Tensor], cp: ContextParallel) -> list[Optional[torch.Tensor]]:
+def continuation(doc_slices: Optional[torch.Tensor], cp: ContextParallel, chain: CommChain
+                 ) -> list[Optional[torch.Tensor]]:
     """Per global slice s, (B,) bool: its first token continues slice s-1's last document.
 
     doc_slices: (m, B, n) the local slices' ids. None entries mean "always continues" (no ids).
@@ -60,7 +61,7 @@ def continuation(doc_slices: Optional[torch.Tensor], cp: ContextParallel) -> lis
     if doc_slices is None:
         return [None] * cp.n_slices
     ends = torch.stack([doc_slices[..., 0], doc_slices[..., -1]], dim=-1)  # (m, B, 2)
-    ids = by_slice(gather_values(ends, cp.group), cp)
+    ids = by_slice(chain.values(ends), cp)
     return [ids[0].new_zeros(ids[0].shape[0], dtype=torch.bool)] + [
         ids[s - 1][:, 1] == ids[s][:, 0] for s in range(1, cp.n_slices)]
 
@@ -111,7 +112,7 @@ def mamba2_context_parallel(
     n = t_local // m
     _check(layer, cp, n)
     k1, cdim = layer.d_conv - 1, layer.conv_dim
-    chain = CommChain(x, cp.group)
+    chain = CommChain(x, cp.group, replay_log(layer))
 
     def per_slice(t: torch.Tensor) -> torch.Tensor:  # (B, m*n, ...) -> (m*B, n, ...), slices as batch rows
         return t.reshape(batch, m, n, *t.shape[2:]).transpose(0, 1).reshape(m * batch, n, *t.shape[2:])
@@ -119,7 +120,7 @@ def mamba2_context_parallel(
     z, xbc, dt_raw = torch.split(layer.in_proj(x), [layer.d_inner, cdim, layer.nheads], dim=-1)
     xbc, dt_raw = per_slice(xbc), per_slice(dt_raw)
     docs = None if doc_ids is None else per_slice(doc_ids)
-    cont = continuation(None if docs is None else docs.view(m, batch, n), cp)
+    cont = continuation(None if docs is None else docs.view(m, batch, n), cp, chain)
 
     # conv halo: every slice's last k1 inputs (earlier documents zeroed), gathered
     tails = final_conv_state(xbc, xbc.new_zeros(m * batch, cdim, k1), docs).view(m, batch, cdim, k1)

@@ -32,7 +32,7 @@ from hybrid_lm.models.titans.layers import MemoryAsGate, MemoryAsLayer
 from hybrid_lm.models.titans.mac import MemoryAsContext
 from hybrid_lm.models.titans.memory import NeuralMemory
 from hybrid_lm.train.context_parallel import ContextParallel, register_cp_forward
-from hybrid_lm.train.context_parallel.chain import CommChain
+from hybrid_lm.train.context_parallel.chain import CommChain, replay_log
 from hybrid_lm.train.context_parallel.mamba2 import owner
 
 
@@ -96,7 +96,7 @@ def relay_context_parallel(
     template = layer.init_state(batch, device=x.device, dtype=x.dtype)
     assert template is not None, f"{type(layer).__name__} has no state to relay"
     keys = list(template)
-    chain = CommChain(x, cp.group)
+    chain = CommChain(x, cp.group, replay_log(layer))
     outs: list[Optional[torch.Tensor]] = [None] * len(local)
     carried: Optional[tuple[State, torch.Tensor]] = None  # handed on within this rank
     final: Optional[State] = None
