@@ -281,6 +281,8 @@ def plan(cfg: ModelConfig, layout: Layout, gpu: GpuSpec, *, mfu: float = 0.4, ch
                      "PyTorch scan's, larger)")
     if set(cfg.block_pattern) & set("TCGLXD"):
         notes.append("memory letters counted in fp32 from a CPU fit of T (their attention branches: not fitted)")
+    if stack is not model:
+        notes.append(f"model kind {cfg.kind}: the backbone stack is counted, not the wrapper's own segments and tokens")
     if pp > 1:
         notes.append(f"pipeline stages {bounds} (blocks); worst stage shown")
     return Plan(params=params, weights=weights, gradients=gradients, optimizer=optimizer,
@@ -293,7 +295,7 @@ def plan(cfg: ModelConfig, layout: Layout, gpu: GpuSpec, *, mfu: float = 0.4, ch
 def format_plan(p: Plan, layout: Layout, gpu: GpuSpec, mfu: float, checkpointing: str) -> str:
     """The table ``hybrid-lm plan`` prints; ``checkpointing`` describes the config's choice."""
     g = lambda x: f"{x / GIB:8.2f} GiB"  # noqa: E731
-    step = f"{p.step_time_s:.2f} s" if p.step_time_s >= 1 else f"{p.step_time_s * 1e3:.1f} ms"
+    step = f"{p.step_time_s:.2f} s" if p.step_time_s >= 1 else f"{p.step_time_s * 1e3:.3g} ms"
     lines = [
         f"model: {p.params / 1e9:.3f}B parameters ({p.params:,})",
         f"layout: {layout.gpus} x {gpu.name} ({gpu.memory_gib:.0f} GiB, {gpu.peak_bf16 / 1e12:.0f} TFLOP/s bf16 dense): "
