@@ -90,6 +90,10 @@ class ParallelConfig:
         if self.tensor_parallel < 1:
             raise ConfigError(f"parallel.tensor_parallel: must be >= 1, got {self.tensor_parallel}")
         check_layers(self.activation_checkpointing, self.activation_checkpointing_layers)
+        if self.activation_checkpointing != "none" and self.context_parallel > 1:
+            # a context-parallel layer runs its collectives inside the CP step; a recompute outside it is untested
+            raise ConfigError(f"parallel.activation_checkpointing: {self.activation_checkpointing} cannot be combined "
+                              f"with parallel.context_parallel={self.context_parallel} yet")
         self._check_pipeline()
         self._check_tensor_parallel()
         self._check_context_parallel()

@@ -95,6 +95,7 @@ def test_training_losses_equal_with_checkpointing(tmp_path):
     ({"activation_checkpointing": "selective", "activation_checkpointing_layers": "Q"}, {}, "'Q' is not a layer letter"),
     ({"activation_checkpointing": "selective", "activation_checkpointing_layers": "X"}, {},
      "'X' does not occur in model.layer_pattern 'M-A-T-'"),
+    ({"activation_checkpointing": "full", "context_parallel": 2}, {}, "cannot be combined with parallel.context_parallel=2"),
 ])
 def test_config_refuses(tmp_path, parallel, model, match):
     with pytest.raises(ConfigError, match=match):

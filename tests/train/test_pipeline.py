@@ -22,7 +22,7 @@ import torch
 
 import synthetic
 from hybrid_lm.models.config import ModelConfig, ModelConfigError
-from hybrid_lm.models.hybrid import HybridLM
+from hybrid_lm.models.hybrid import Block, HybridLM
 from hybrid_lm.train.config import load_job_config
 from hybrid_lm.train.pipeline import balanced_bounds, marked_bounds, stage_bounds
 from hybrid_lm.typed_config import ConfigError, from_dict
@@ -271,6 +271,7 @@ def _memory_worker(rank, world_size):
     import weakref
 
     from hybrid_lm.train import distributed as D
+    from hybrid_lm.train.activation_checkpointing import apply_activation_checkpointing
     from hybrid_lm.train.optim import OptimConfig
     from hybrid_lm.train.parallelize import ParallelConfig
     from hybrid_lm.train.pipeline_engine import PipelineEngine
@@ -278,6 +279,7 @@ def _memory_worker(rank, world_size):
     info = D.init_distributed()
     torch.manual_seed(0)
     model = HybridLM(_model("M-|A-"))
+    apply_activation_checkpointing(model, "full")  # checkpointed blocks inside DeepSpeed's pipeline schedule
     other_stage = weakref.ref(model.blocks[0 if rank == 1 else 3])
     own = {id(p) for p in (model.blocks[0] if rank == 0 else model.blocks[3]).parameters()}
     engine = PipelineEngine(model, ParallelConfig(pipeline_parallel=2), OptimConfig(), micro_batch_size=2,
@@ -285,7 +287,12 @@ def _memory_worker(rank, world_size):
     del model
     gc.collect()
     kept = {id(p) for p in engine.module.parameters()}
-    return other_stage() is None, own <= kept, sum(p.numel() for p in engine.module.parameters())
+    stats = engine.forward_backward([next(iter(synthetic.SyntheticLoader("train", 0, 1)))])
+    loss = stats.loss_sum / stats.losses if stats.losses else None
+    grads = all(p.grad is not None for p in engine.module.parameters())
+    grads = grads and all(type(m).__name__ == "CheckpointedBlock" for m in engine.module.modules()
+                          if isinstance(m, Block))
+    return other_stage() is None, own <= kept, sum(p.numel() for p in engine.module.parameters()), loss, grads
 
 
 @pytest.mark.distributed
@@ -293,7 +300,15 @@ def _memory_worker(rank, world_size):
 def test_a_stage_keeps_only_its_own_layers():
     from distributed_utils import run_distributed
 
-    full = sum(p.numel() for p in HybridLM(_model("M-A-")).parameters())
-    (freed0, own0, n0), (freed1, own1, n1) = run_distributed(_memory_worker, 2)
+    torch.manual_seed(0)
+    plain = HybridLM(_model("M-A-"))
+    full = sum(p.numel() for p in plain.parameters())
+    (freed0, own0, n0, _, grads0), (freed1, own1, n1, loss, grads1) = run_distributed(_memory_worker, 2)
     assert freed0 and freed1 and own0 and own1
+    # with every block checkpointed (issue 15) the pipelined step still gives the plain model's
+    # loss, and every stage's parameters their gradients
+    batch = next(iter(synthetic.SyntheticLoader("train", 0, 1)))
+    ref = plain(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"],
+                position_ids=batch["position_ids"]).loss
+    assert loss == pytest.approx(float(ref), rel=1e-6) and grads0 and grads1
     assert n0 + n1 == full + 64 * 32  # the tied embedding/head lives on both stages, nothing else twice
