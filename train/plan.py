@@ -11,7 +11,10 @@ added up for the worst stage:
   mixed-precision AdamW (bf16: 2 + 2 + 12, the 12 being the fp32 master weights and two moments;
   fp32: 4 + 4 + 8), each divided by the tensor x pipeline split, and by the ZeRO shard degree
   (data x context ranks) for what the stage shards: optimizer state from stage 1 (nothing on the
-  GPU with ``cpu_offload``), gradients from 2, weights at 3;
+  GPU with ``cpu_offload``), gradients from 2, weights at 3. Not counted: the fp32 gradient buffer
+  DeepSpeed's bf16 optimizers may keep besides (up to 4 bytes per parameter, depending on the
+  wrapper DeepSpeed picks; ``bench/gpu_check.py`` measures the whole peak on a GPU), ZeRO-3's
+  gathered layer, and the fused kernels' workspaces;
 * activations of one micro-batch of ``data.micro_batch_size`` x ``data.seq_len / context_parallel``
   tokens, from the per-family counts in ``_layer_elements`` (what autograd keeps for backward),
   times the micro-batches a 1F1B pipeline keeps in flight on its first stage (``min(stages,
