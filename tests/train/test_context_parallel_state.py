@@ -19,9 +19,11 @@ T, B = 32, 2
 DOCS = [[0] * 5 + [1] * 14 + [2] * 3 + [3] * 10,  # documents across the boundaries of 4- and 8-token slices
         [7] * 8 + [1] * 8 + [2] * 1 + [3] * 15]   # starts exactly at 8 and 16, a one-token document
 LETTERS = ["M", "T", "G", "X", "C", "L", "D"]
+#: the letters whose relay is the same code as T/G/X run two of the four layouts (test time)
+FEWER = ("C", "L", "D")
 #: whole stacks through the framework (attention CP): several CP layers in one backward, whose
 #: collectives and relays must meet in the same order on every rank
-STACKS = ["M-A-T-", "G-M-X-"]
+STACKS = {"M-A-T-": 4, "G-M-X-": 2}  # pattern: how many of the four layouts it runs
 #: letters also run under activation checkpointing (its recompute inside the backward replays what
 #: the forward received instead of communicating: communicating again deadlocks the relay)
 CHECKPOINTED = ("M", "G")
@@ -96,8 +98,10 @@ def _worker(rank: int, world: int) -> list[str]:
         grads_ref = {k: p.grad for k, p in ref_layer.named_parameters()}
         for size in (2, 4):
             group = groups[size][rank // size if size == 2 else 0]
-            for layout, checkpointed in [("contiguous", False), ("zigzag", False)] + [("zigzag", True)] * (
-                    letter in CHECKPOINTED):
+            layouts = [("contiguous", False), ("zigzag", False)] + [("zigzag", True)] * (letter in CHECKPOINTED)
+            if letter in FEWER:
+                layouts = [("contiguous", False)] if size == 2 else [("zigzag", False)]
+            for layout, checkpointed in layouts:
                 cp = ContextParallel(group, dist.get_rank(group), size, T, layout)  # type: ignore[arg-type]
                 idx = torch.cat([torch.arange(a, b) for a, b in cp.slices()])
                 layer = _layer(letter)
@@ -136,10 +140,10 @@ def _worker(rank: int, world: int) -> list[str]:
                 key, err = max(((k, float(e.detach())) for k, e in errs.items()), key=lambda kv: kv[1])
                 tag = " checkpointed" if checkpointed else ""
                 worst.append(f"{letter} CP={size} {layout}{tag} rank {rank}: max error {err:.1e} ({key})")
-    for pattern in STACKS:
+    for pattern, count in STACKS.items():
         for size in (2, 4):
             group = groups[size][rank // size if size == 2 else 0]
-            for layout in ("contiguous", "zigzag"):
+            for layout in ("contiguous", "zigzag") if count == 4 else ("zigzag" if size == 2 else "contiguous",):
                 cp = ContextParallel(group, dist.get_rank(group), size, T, layout)  # type: ignore[arg-type]
                 err, key = _stack_case(pattern, cp)
                 worst.append(f"{pattern} CP={size} {layout} rank {rank}: max error {err:.1e} ({key})")
@@ -189,7 +193,8 @@ def _stack_case(pattern: str, cp) -> tuple[float, str]:  # type: ignore[no-untyp
 
 @pytest.mark.distributed
 def test_recurrent_layers_context_parallel_equal_one_process() -> None:
-    """Every case within 1e-10 of one process (observed: ~2e-14)."""
+    """Every case within 1e-10 of one process (observed: up to 6e-14)."""
     lines = [line for per_rank in run_distributed(_worker, world_size=4) for line in per_rank]
     bad = [line for line in lines if float(line.split("max error ")[1].split()[0]) > 1e-10]
-    assert len(lines) == 4 * ((len(LETTERS) + len(STACKS)) * 4 + len(CHECKPOINTED) * 2) and not bad, "\n".join(bad)
+    cases = 4 * (len(LETTERS) - len(FEWER)) + 2 * len(FEWER) + 2 * len(CHECKPOINTED) + sum(STACKS.values())
+    assert len(lines) == 4 * cases and not bad, "\n".join(bad)

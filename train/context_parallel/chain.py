@@ -144,7 +144,9 @@ class CommChain:
     returned, and a recompute replays those values, with the same ``requires_grad`` so that the
     recompute saves the same tensors, and communicates nothing. The recorded values are those of
     the layer's last forward: right for a backward that follows its own forward (gradient
-    accumulation runs one micro-batch's forward and backward before the next).
+    accumulation runs one micro-batch's forward and backward before the next). Non-reentrant
+    checkpointing only (``train/activation_checkpointing.py``'s): the reentrant form backpropagates
+    through the recomputed graph, which has no communication to carry gradients to other ranks.
     """
 
     def __init__(self, x: torch.Tensor, group: Any, replay: Optional[list[Any]] = None) -> None:
