@@ -193,3 +193,13 @@ def test_generation_opens_a_segment_with_its_first_tokens_summary():
     ids = torch.randint(0, V, (1, 16))  # two closed segments, the third open with 4 tokens
     out = model.generate(ids, 1)
     assert torch.equal(out[:, -1], model(ids).logits[:, -1].argmax(-1))
+
+
+def test_export_takes_remote_code_and_refuses_native_targets():
+    from hybrid_lm.export.adapters import select
+    from hybrid_lm.models.model_dir import ExportError
+
+    config = make("A-A-").config  # a Llama-shaped backbone: natively exportable without hmt
+    assert select(config).name == "remote"
+    with pytest.raises(ExportError, match=r"llama: no transformers class runs HMT's segment recurrence \(model\.hmt\)"):
+        select(config, "native")
