@@ -228,7 +228,8 @@ def throughput(path: Path, overrides: list[str], steps: int, warmup: int, device
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            D.destroy_distributed()
+            # the 1-rank group stays for the next model: DeepSpeed caches groups made from it, and a
+            # new group after destroying this one would leave those stale (as in-process train() does)
     tps = steps * batch * seq / elapsed
     fused = importlib.util.find_spec("mamba_ssm") is not None
     estimate = None
