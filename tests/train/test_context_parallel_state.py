@@ -27,6 +27,8 @@ STACKS = {"M-A-T-": 4, "G-M-X-": 2}  # pattern: how many of the four layouts it 
 #: letters also run under activation checkpointing (its recompute inside the backward replays what
 #: the forward received instead of communicating: communicating again deadlocks the relay)
 CHECKPOINTED = ("M", "G")
+#: letters also run without document ids (nothing to gather or compare at the boundaries)
+NO_DOCS = ("M", "T")
 
 
 def _layer(letter: str):  # type: ignore[no-untyped-def]
@@ -92,16 +94,22 @@ def _worker(rank: int, world: int) -> list[str]:
     doc_full = torch.tensor(DOCS)
     worst: list[str] = []
     for letter in LETTERS:
-        ref_layer = _layer(letter)
-        x_ref = x_full.clone().requires_grad_()
-        y_ref, s_ref = _run(ref_layer, x_ref, doc_full, weight)
-        grads_ref = {k: p.grad for k, p in ref_layer.named_parameters()}
+        refs = {}
+        for with_docs in (True, False) if letter in NO_DOCS else (True,):
+            ref_layer = _layer(letter)
+            x_ref = x_full.clone().requires_grad_()
+            y_ref, s_ref = _run(ref_layer, x_ref, doc_full if with_docs else None, weight)
+            refs[with_docs] = (y_ref, s_ref, x_ref.grad, {k: p.grad for k, p in ref_layer.named_parameters()})
         for size in (2, 4):
             group = groups[size][rank // size if size == 2 else 0]
-            layouts = [("contiguous", False), ("zigzag", False)] + [("zigzag", True)] * (letter in CHECKPOINTED)
+            layouts = [("contiguous", False, True), ("zigzag", False, True)]
+            layouts += [("zigzag", True, True)] * (letter in CHECKPOINTED) + [("zigzag", False, False)] * (
+                letter in NO_DOCS and size == 4)
             if letter in FEWER:
-                layouts = [("contiguous", False)] if size == 2 else [("zigzag", False)]
-            for layout, checkpointed in layouts:
+                layouts = [("contiguous", False, True)] if size == 2 else [("zigzag", False, True)]
+            for layout, checkpointed, with_docs in layouts:
+                y_ref, s_ref, dx_ref, grads_ref = refs[with_docs]
+                docs = doc_full if with_docs else None
                 cp = ContextParallel(group, dist.get_rank(group), size, T, layout)  # type: ignore[arg-type]
                 idx = torch.cat([torch.arange(a, b) for a, b in cp.slices()])
                 layer = _layer(letter)
@@ -110,23 +118,24 @@ def _worker(rank: int, world: int) -> list[str]:
                 assert cp_forward_for(layer) is not None
                 before = received[0]
                 if checkpointed:
-                    y = checkpoint(lambda x_: fn(layer, x_, doc_ids=doc_full[:, idx], cp=cp)[0], x,
+                    y = checkpoint(lambda x_: fn(layer, x_, doc_ids=docs[:, idx], cp=cp)[0], x,
                                    use_reentrant=False)
                     state = None
                 else:
-                    y, state = fn(layer, x, doc_ids=doc_full[:, idx], cp=cp, return_state=True)
+                    y, state = fn(layer, x, doc_ids=None if docs is None else docs[:, idx], cp=cp, return_state=True)
                 middle = received[0]
                 (y * weight[:, idx]).sum().backward()
                 sent = (middle - before, received[0] - middle)
-                errs = {"y": (y - y_ref[:, idx]).abs().max(), "dx": (x.grad - x_ref.grad[:, idx]).abs().max()}
+                errs = {"y": (y - y_ref[:, idx]).abs().max(), "dx": (x.grad - dx_ref[:, idx]).abs().max()}
                 for k, p in layer.named_parameters():
                     dist.all_reduce(p.grad, group=group)
                     errs[f"d{k}"] = (p.grad - grads_ref[k]).abs().max()
                 if letter == "M" and not checkpointed:
                     from hybrid_lm.train.context_parallel.mamba2 import communicated_bytes
 
-                    if sent != communicated_bytes(layer, B, cp, DT):  # the docstring's formula
-                        errs[f"bytes {sent} vs {communicated_bytes(layer, B, cp, DT)}"] = torch.tensor(float("inf"))
+                    formula = communicated_bytes(layer, B, cp, DT, documents=with_docs)  # the docstring's
+                    if sent != formula:
+                        errs[f"bytes {sent} vs {formula}"] = torch.tensor(float("inf"))
                 if state is not None:
                     for k, v in state.items():
                         if v.dtype.is_floating_point and v.numel():
@@ -138,7 +147,7 @@ def _worker(rank: int, world: int) -> list[str]:
                 if has_state != (state is not None):
                     errs["state returned"] = torch.tensor(float("inf"))
                 key, err = max(((k, float(e.detach())) for k, e in errs.items()), key=lambda kv: kv[1])
-                tag = " checkpointed" if checkpointed else ""
+                tag = " checkpointed" * checkpointed + " no documents" * (not with_docs)
                 worst.append(f"{letter} CP={size} {layout}{tag} rank {rank}: max error {err:.1e} ({key})")
     for pattern, count in STACKS.items():
         for size in (2, 4):
@@ -196,5 +205,6 @@ def test_recurrent_layers_context_parallel_equal_one_process() -> None:
     """Every case within 1e-10 of one process (observed: up to 6e-14)."""
     lines = [line for per_rank in run_distributed(_worker, world_size=4) for line in per_rank]
     bad = [line for line in lines if float(line.split("max error ")[1].split()[0]) > 1e-10]
-    cases = 4 * (len(LETTERS) - len(FEWER)) + 2 * len(FEWER) + 2 * len(CHECKPOINTED) + sum(STACKS.values())
+    cases = (4 * (len(LETTERS) - len(FEWER)) + 2 * len(FEWER) + 2 * len(CHECKPOINTED) + len(NO_DOCS)
+             + sum(STACKS.values()))
     assert len(lines) == 4 * cases and not bad, "\n".join(bad)
