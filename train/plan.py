@@ -55,6 +55,8 @@ class Layout:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     context_parallel: int = 1
+    sequence_parallel: bool = False
+    """block inputs and norms split over the tensor-parallel ranks too (``parallel.sequence_parallel``)"""
     zero_stage: int = 0
     cpu_offload: bool = False
     dtype: str = "bf16"
@@ -176,10 +178,11 @@ def _backbone(model: nn.Module) -> nn.Module:
     return getattr(model, "backbone", model)
 
 
-def activation_bytes_per_token(model: nn.Module, *, act_bytes: int, fused: bool, tp: int = 1, cp: int = 1) -> list[float]:
+def activation_bytes_per_token(model: nn.Module, *, act_bytes: int, fused: bool, tp: int = 1, cp: int = 1,
+                               sp: bool = False) -> list[float]:
     """Bytes per local token each block keeps for backward (block norm + layer), layer internals
-    split over ``tp`` tensor-parallel ranks (block inputs and norms are replicated: no sequence
-    parallel). With ``cp`` context-parallel ranks attention also keeps the K/V it gathered from the
+    split over ``tp`` tensor-parallel ranks, block inputs and norms too with sequence parallelism
+    ``sp`` (replicated without). With ``cp`` context-parallel ranks attention also keeps the K/V it gathered from the
     others ((cp - 1) x the kv width per local token); a looped (recursive) stack keeps each block's
     activations once per loop."""
     stack = _backbone(model)
@@ -191,7 +194,7 @@ def activation_bytes_per_token(model: nn.Module, *, act_bytes: int, fused: bool,
         if block.letter == "A" and cp > 1:
             la += 2.0 * block.layer.n_kv_heads * block.layer.head_dim * (cp - 1)
         ba, bf = _block_elements(cfg.d_model)
-        out.append(loops * (ba * act_bytes + bf * 4 + (la * act_bytes + lf * 4) / tp))
+        out.append(loops * ((ba * act_bytes + bf * 4) / (tp if sp else 1) + (la * act_bytes + lf * 4) / tp))
     return out
 
 
@@ -256,7 +259,8 @@ def plan(cfg: ModelConfig, layout: Layout, gpu: GpuSpec, *, mfu: float = 0.4, ch
     optimizer = 0.0 if layout.cpu_offload else ob * local / (shards if layout.zero_stage >= 1 else 1)
 
     act_bytes = 4 if layout.dtype == "fp32" else 2
-    per_block = activation_bytes_per_token(model, act_bytes=act_bytes, fused=fused, tp=tp, cp=layout.context_parallel)
+    per_block = activation_bytes_per_token(model, act_bytes=act_bytes, fused=fused, tp=tp, cp=layout.context_parallel,
+                                           sp=layout.sequence_parallel)
     head = head_bytes_per_token(model, act_bytes=act_bytes)
     tokens = layout.micro_batch_size * layout.seq_len // layout.context_parallel
     letters = [b.letter for b in stack.blocks]

@@ -60,7 +60,8 @@ def main(args: argparse.Namespace) -> int:
     par = cfg.parallel
     dtype = par.dtype if par.dtype != "auto" else "bf16"  # auto is bf16 on CUDA
     layout = Layout(gpus=args.gpus, tensor_parallel=par.tensor_parallel, pipeline_parallel=par.pipeline_parallel,
-                    context_parallel=getattr(par, "context_parallel", 1), zero_stage=par.zero_stage,
+                    context_parallel=getattr(par, "context_parallel", 1),
+                    sequence_parallel=getattr(par, "sequence_parallel", False), zero_stage=par.zero_stage,
                     cpu_offload=par.cpu_offload, dtype=dtype, micro_batch_size=cfg.data.micro_batch_size,
                     seq_len=cfg.data.seq_len, micro_batches=par.micro_batches)
     letters, described = _checkpointing(par)

@@ -102,6 +102,10 @@ def test_weights_gradients_optimizer_by_zero_stage_and_split():
     assert (split.weights, split.optimizer) == (single.weights, single.optimizer) == (2 * n, 12 * n / 2)
     gathered = 32 * 2 * 2 * 64 * 2  # tokens x attention layers x (K, V) x kv width x bf16 bytes
     assert split.activations == pytest.approx(single.activations / 2 + gathered)
+    # sequence parallel: the block inputs and norms (3 d bf16 + rstd fp32 per token) split over TP too
+    tp2 = dict(gpus=2, tensor_parallel=2, micro_batch_size=1, seq_len=64)
+    plain, sp = plan(cfg, Layout(**tp2), H100), plan(cfg, Layout(sequence_parallel=True, **tp2), H100)
+    assert plain.activations - sp.activations == pytest.approx(64 * 4 * (3 * 64 * 2 + 4) / 2)
 
 
 def test_cli_exit_codes(capsys):
