@@ -114,11 +114,6 @@ class ParallelConfig:
                               "(use zero_stage 0, 1 or 2)")
         if self.cpu_offload:
             raise ConfigError(f"parallel.cpu_offload: not supported with parallel.context_parallel={cp}")
-        if self.activation_checkpointing != "none":
-            # the recompute runs in the backward pass, outside the step that switches the layers to
-            # their CP forwards: it would recompute the slice as if it were a whole sequence
-            raise ConfigError(f"parallel.activation_checkpointing: {self.activation_checkpointing} is not supported "
-                              f"with parallel.context_parallel={cp} yet (use none)")
 
     def _check_tensor_parallel(self) -> None:
         tp = self.tensor_parallel

@@ -36,7 +36,7 @@ REFUSED = [
     (["parallel.context_parallel=2", "parallel.zero_stage=1", "parallel.cpu_offload=true"],
      "parallel.cpu_offload: not supported with parallel.context_parallel=2"),
     (["parallel.context_parallel=2", "parallel.activation_checkpointing=full"],
-     "parallel.activation_checkpointing: full is not supported with parallel.context_parallel=2 yet (use none)"),
+     "parallel.activation_checkpointing: full cannot be combined with parallel.context_parallel=2 yet"),
     (["parallel.context_parallel=2", "parallel.context_parallel_attention=ring"],
      "parallel.context_parallel_attention: 'ring' is not one of ['allgather', 'ulysses']"),
 ]

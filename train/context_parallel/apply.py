@@ -30,6 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from hybrid_lm.models.attention.layer import Attention
+from hybrid_lm.models.common.registry import get_layer_spec
 from hybrid_lm.train.context_parallel import ContextParallel, cp_forward_for
 from hybrid_lm.train.context_parallel.attention import attention_forward, local_positions
 from hybrid_lm.train.context_parallel.collectives import all_reduce
@@ -51,9 +53,6 @@ def check_context_parallel(model_cfg: Any, seq_len: int, par: Any) -> None:
     """Config-load checks (ConfigError naming the key): slices divide ``data.seq_len``, Ulysses
     heads, and a CP forward for every stateful letter of the pattern (layers built on the meta
     device, so a large model costs nothing here)."""
-    from hybrid_lm.models.attention.layer import Attention
-    from hybrid_lm.models.common.registry import get_layer_spec
-
     n = par.context_parallel
     if n == 1:
         return
@@ -113,8 +112,6 @@ def apply_context_parallel(model: nn.Module, cp: ContextParallel, *, attention: 
     """Give every block's layer of ``model`` (a ``HybridLM``) its CP forward; returns the runtime
     whose ``sharded()`` switches them on. Raises ValueError, naming the letter, for a stateful
     layer without a registered CP forward."""
-    from hybrid_lm.models.attention.layer import Attention
-
     load_family_forwards()
     scheme = attention_forward(attention)
     runtime = ContextParallelRuntime(cp)

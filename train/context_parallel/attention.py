@@ -32,7 +32,7 @@ the one-process layer assumes. No KV cache: CP is for training forward/backward.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -187,7 +187,7 @@ def ulysses_attention(layer: Attention, x: torch.Tensor, *, doc_ids: Optional[to
     return layer.o_proj(out.transpose(1, 2).reshape(batch, t, -1))
 
 
-def attention_forward(scheme: str):
+def attention_forward(scheme: str) -> Callable[..., torch.Tensor]:
     """The CP forward for ``parallel.context_parallel_attention``."""
     if scheme not in SCHEMES:
         raise ValueError(f"context parallel attention scheme must be one of {SCHEMES}, got {scheme!r}")
