@@ -1,14 +1,22 @@
-"""Sequence parallelism (``parallel.sequence_parallel``, train/sequence_parallel.py) on 2 gloo ranks.
+"""Sequence parallelism (``parallel.sequence_parallel``, train/sequence_parallel.py).
 
-One spawn runs every case: per pattern, a TP=2 + SP model (the training loss from the
-vocabulary-sharded logits, as the engine computes it) must give the loss and every gradient of one
-unsplit model; the activations between blocks must be (B, T/2, D) on each rank; and 3 steps of
-``train()`` with SP must follow 3 steps of TP=2 without SP. Config refusals run in this process.
+The 2-rank checks run inside the spawns of the tensor-parallel tests (their start-up, megatron-core
+and DeepSpeed imports, dominates; a spawn of our own would cost more than all our checks):
 
-Tolerance: fp32, rtol 1e-5 on the loss and on each gradient relative to its tensor's largest entry,
-as tests/train/test_tensor_parallel.py: the row-parallel sums (now reduce-scatters), the norm
-weights' gradients (summed over the two sequence halves) and the reduce-scattered input gradients
-add the same fp32 terms in another order (measured below 1e-6).
+* ``sequence_parallel_cases`` (in tests/train/test_tensor_parallel.py's spawn, checked by its
+  ``test_tp2_sequence_parallel_*``): per pattern, a TP=2 + SP model, the training loss taken from the
+  vocabulary-sharded logits as the engine does, gives the loss, the gathered logits and every
+  gradient of one unsplit model; the activations between blocks are (B, T/2, D) on each rank; a
+  length that does not split runs as plain TP; activation checkpointing on top stays exact.
+* ``sequence_parallel_run`` (in tests/train/test_tensor_parallel_training.py's spawn): 4 steps of
+  ``train()`` with SP follow the TP=2 run without SP (losses, gradient norms, val_loss).
+
+The config refusals run here, in this process.
+
+Tolerance: fp32, rtol 1e-5 on loss and logits and on each gradient relative to its tensor's largest
+entry, as tests/train/test_tensor_parallel.py: the reduce-scatters of the output projections and of
+the layers' input gradients, and the norm weights' gradients summed over the two sequence halves,
+add the same fp32 terms in another order (measured: every gradient within 8e-7 of its largest entry).
 """
 from __future__ import annotations
 
@@ -19,10 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import synthetic
 from hybrid_lm.cli import main as cli_main
-
-pytestmark = pytest.mark.distributed
 
 V, D, B, T = 64, 32, 2, 16
 TITANS = dict(n_heads=2, chunk_size=4, segment_len=8, window=8, n_persistent=2, memory_expansion=2)
@@ -30,10 +35,14 @@ CASES = {
     # Mamba-2 (one group per rank), attention, MLPs: every output projection reduce-scattered
     "M-A-": dict(layer_pattern="M-A-", attention=dict(n_heads=2),
                  mamba2=dict(d_state=8, headdim=8, ngroups=2, chunk_size=8)),
-    # Titans memory (deferred output) next to attention
+    # Titans memory (its out_proj reduce-scattered) next to attention
     "T-A-": dict(layer_pattern="T-A-", titans=TITANS, attention=dict(n_heads=2)),
-    # MAC: replicated work on the input and after the reductions, its output split instead
+    # MAC reads its input only by segments and ends in replicated work: input gradient kept whole
+    # and sliced, output split after its all-reduces; MAG/MAL: both paths at once
     "C-": dict(layer_pattern="C-", titans=TITANS),
+    "G-L-": dict(layer_pattern="G-L-", titans=TITANS),
+    "X-": dict(layer_pattern="X-", titans=TITANS,
+               atlas=dict(omega_window=2, poly_degree=2, poly_form="monomial", optimizer="momentum")),
 }
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -46,9 +55,10 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(ATOL))
 
 
-def _compare(groups, kwargs: dict) -> dict:
+def _compare(groups, kwargs: dict, checkpointing: bool = False) -> dict:
     from hybrid_lm.models.config import ModelConfig
     from hybrid_lm.models.hybrid import HybridLM
+    from hybrid_lm.train.activation_checkpointing import apply_activation_checkpointing
     from hybrid_lm.train.sequence_parallel import apply_sequence_parallel
     from hybrid_lm.train.tensor_parallel import VocabParallelLoss, apply_tensor_parallel, full_tensors
     from hybrid_lm.typed_config import from_dict
@@ -57,23 +67,25 @@ def _compare(groups, kwargs: dict) -> dict:
     full = HybridLM(from_dict(ModelConfig, dict(vocab_size=V, d_model=D, **kwargs)))
     split = apply_tensor_parallel(copy.deepcopy(full), groups)
     sp = apply_sequence_parallel(split, groups)
+    if checkpointing:  # recomputed in backward, after the forward call returned: still split
+        apply_activation_checkpointing(split, "full")
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, V, (B, T), generator=g)
     labels = torch.roll(ids, -1, dims=1)
     labels[1, -3:] = -100  # ignored labels, as packing makes them
     doc_ids = torch.zeros(B, T, dtype=torch.long)
-    doc_ids[0, 6:] = 1  # a boundary inside row 0, on rank 0's half: every layer needs the full doc_ids
+    doc_ids[0, 6:] = 1  # a boundary inside rank 0's half: every layer needs the full doc_ids
     shapes: list[tuple] = []
     hooks = [b.register_forward_hook(lambda _m, _a, out: shapes.append(tuple(out[0].shape))) for b in split.blocks]
     ref = full(ids, labels=labels, doc_ids=doc_ids)
     got = VocabParallelLoss(split)(split, ids, labels=labels, doc_ids=doc_ids)
     for h in hooks:
         h.remove()
-    out: dict = {"loss": _np(ref.loss, got), "shapes": shapes, "active": sp.active}
+    out: dict = {"loss": _np(ref.loss, got), "shapes": shapes[:len(split.blocks)], "active": sp.active}
     ref.loss.backward()
     got.backward()
     grads = full_tensors(split, groups, grads=True)
-    out["grads"] = {n: _np(grads[n], p.grad) for n, p in full.named_parameters() if p.grad is not None}
+    out["grads"] = {n: _np(p.grad, grads[n]) for n, p in full.named_parameters() if p.grad is not None}
     out["no_grad"] = sorted(n for n, p in full.named_parameters() if p.grad is None or n not in grads)
     with torch.no_grad():  # gathered logits (evaluation), then a length that does not split (plain TP)
         out["logits"] = _np(full(ids, doc_ids=doc_ids).logits, split(ids, doc_ids=doc_ids).logits)
@@ -82,83 +94,73 @@ def _compare(groups, kwargs: dict) -> dict:
     return out
 
 
-def _job(run_dir: Path, sequence_parallel: bool) -> dict:
-    job = synthetic.job_dict(run_dir, steps=3, gas=2, parallel={"tensor_parallel": 2,
-                                                                "sequence_parallel": sequence_parallel},
-                             eval={"every": 0, "hooks": []})
-    job["model"] = {"vocab_size": 64, "d_model": 32, "layer_pattern": "M-A-", "attention": {"n_heads": 4},
-                    "mlp": {"hidden_size": 48}, "mamba2": {"d_state": 8, "headdim": 16, "ngroups": 2, "chunk_size": 8}}
-    return job
-
-
-def _norms(run_dir: Path) -> list:
-    import json
-
-    return [json.loads(line)["train/grad_norm"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if "train/grad_norm" in line]
-
-
-def _worker(rank: int, world_size: int, root: str) -> dict:
-    from hybrid_lm.train.config import job_config_from_dict
-    from hybrid_lm.train.distributed import init_distributed
-    from hybrid_lm.train.loop import train
-    from hybrid_lm.train.process_groups import init_process_groups
-
-    init_distributed()
-    groups = init_process_groups(tensor_parallel=world_size)
+def sequence_parallel_cases(groups) -> dict:
+    """Run in a 2-rank TP spawn: every case of ``CASES``, and M-A- under activation checkpointing."""
     results: dict = {}
-    for pattern, kwargs in CASES.items():
+    for name, (kwargs, checkpointing) in {**{p: (kw, False) for p, kw in CASES.items()},
+                                          "M-A- checkpointed": (CASES["M-A-"], True)}.items():
         try:
-            results[pattern] = _compare(groups, kwargs)
-        except Exception:  # noqa: BLE001 - reported per case by the parametrised test
-            results[pattern] = {"error": traceback.format_exc()}
-    runs = {}
-    for sp in (False, True):
-        run_dir = Path(root) / f"sp{int(sp)}"
-        result = train(job_config_from_dict(_job(run_dir, sp)), make_loader=synthetic.factory())
-        runs[sp] = {"losses": result.losses, "norms": _norms(run_dir) if rank == 0 else None}
-    results["train"] = runs
+            results[name] = _compare(groups, kwargs, checkpointing)
+        except Exception:  # noqa: BLE001 - reported per case by the test
+            results[name] = {"error": traceback.format_exc()}
     return results
 
 
-@pytest.fixture(scope="module")
-def sp_results(tmp_path_factory) -> list[dict]:
-    from distributed_utils import run_distributed
-
-    return run_distributed(_worker, 2, args=(str(tmp_path_factory.mktemp("sp")),), timeout_s=600)
+CASE_NAMES = [*CASES, "M-A- checkpointed"]
 
 
-@pytest.mark.parametrize("pattern", list(CASES))
-def test_sequence_parallel_equals_one_process(sp_results, pattern):
-    for rank, results in enumerate(sp_results):
-        res = results[pattern]
+def check_sequence_parallel_case(results_by_rank: list[dict], name: str) -> None:
+    """The assertions on one ``sequence_parallel_cases`` entry, for every rank."""
+    blocks = len(CASES[name.split()[0]]["layer_pattern"])
+    for rank, results in enumerate(results_by_rank):
+        res = results[name]
         assert "error" not in res, f"rank {rank}:\n{res.get('error')}"
         assert res["active"] and not res["odd_active"]
+        # the residual stream between blocks holds this rank's half of the sequence only
+        assert res["shapes"] == [(B, T // 2, D)] * blocks, (rank, res["shapes"])
         assert res["no_grad"] == [], f"rank {rank}: parameters without a gradient: {res['no_grad']}"
         for key in ("loss", "logits", "odd"):
-            ref, got = map(torch.from_numpy, res[key])  # (one process, split)
+            ref, got = map(torch.from_numpy, res[key])
             torch.testing.assert_close(got, ref, rtol=RTOL, atol=ATOL, msg=lambda m: f"rank {rank} {key}: {m}")
-        for name, pair in res["grads"].items():
-            got, ref = map(torch.from_numpy, pair)
-            assert _max_rel(got, ref) < RTOL, f"rank {rank} grad {name}: max rel diff {_max_rel(got, ref):.2e}"
+        for pname, pair in res["grads"].items():
+            ref, got = map(torch.from_numpy, pair)
+            assert _max_rel(got, ref) < RTOL, f"rank {rank} grad {pname}: max rel diff {_max_rel(got, ref):.2e}"
 
 
-def test_activations_between_blocks_are_split_along_the_sequence(sp_results):
-    for rank, results in enumerate(sp_results):
-        for pattern in CASES:
-            shapes = results[pattern]["shapes"]
-            assert shapes == [(B, T // 2, D)] * len(CASES[pattern]["layer_pattern"]), (rank, pattern, shapes)
+def sequence_parallel_run(job: dict) -> dict:
+    """Run in a 2-rank spawn: ``train()`` of ``job`` (a TP=2 job) with ``parallel.sequence_parallel``
+    on; its losses and logged gradient norms, and whether the engine's model was split (and was at
+    its last call)."""
+    import json
+
+    import hybrid_lm.train.sequence_parallel as sequence_parallel
+    import synthetic
+    from hybrid_lm.train.config import job_config_from_dict
+    from hybrid_lm.train.loop import train
+
+    applied = []
+    apply = sequence_parallel.apply_sequence_parallel
+    sequence_parallel.apply_sequence_parallel = lambda *a: applied.append(apply(*a)) or applied[-1]
+    try:
+        job = {**job, "parallel": {**job["parallel"], "sequence_parallel": True}}
+        result = train(job_config_from_dict(job), make_loader=synthetic.factory())
+    finally:
+        sequence_parallel.apply_sequence_parallel = apply
+    lines = (Path(job["train"]["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    norms = [json.loads(line)["train/grad_norm"] for line in lines if "train/grad_norm" in line]
+    return {"losses": result.losses, "evals": result.evals, "norms": norms,
+            "split": len(applied) == 1 and applied[0].active}
 
 
-def test_training_with_sequence_parallel_follows_plain_tensor_parallel(sp_results):
-    for rank, results in enumerate(sp_results):
-        plain, split = results["train"][False], results["train"][True]
-        assert sorted(split["losses"]) == [0, 1, 2]
-        for step, loss in plain["losses"].items():
-            assert split["losses"][step] == pytest.approx(loss, rel=1e-5, abs=1e-6), (rank, step)
-        assert split["losses"][2] < split["losses"][0]
-    plain, split = sp_results[0]["train"][False]["norms"], sp_results[0]["train"][True]["norms"]
-    assert len(split) == 3 and split == pytest.approx(plain, rel=1e-5)
+def check_sequence_parallel_run(got: dict, plain: dict) -> None:
+    """``sequence_parallel_run``'s result against the same job's TP=2 run without SP (rank 0)."""
+    assert got["split"], "train() did not apply sequence parallelism"
+    assert sorted(got["losses"]) == sorted(plain["losses"])
+    for step, loss in plain["losses"].items():
+        assert got["losses"][step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
+    assert got["norms"] == pytest.approx(plain["norms"], rel=1e-5)
+    last = max(plain["evals"])
+    assert got["evals"][last]["val_loss"] == pytest.approx(plain["evals"][last]["val_loss"], rel=1e-5)
 
 
 DEBUG = Path(__file__).resolve().parents[2] / "configs" / "debug.yaml"

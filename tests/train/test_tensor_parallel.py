@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from distributed_utils import run_distributed
+from test_sequence_parallel import CASE_NAMES as SP_CASES
 
 pytestmark = pytest.mark.distributed
 
@@ -111,6 +112,9 @@ def _worker(rank: int, world_size: int, cases: dict) -> dict:
     from test_meta_init import meta_init_case  # issue 15's TP cases share this spawn's start-up
 
     results["meta_init"] = meta_init_case(groups)
+    from test_sequence_parallel import sequence_parallel_cases  # issue 10's SP cases, same reason
+
+    results["sequence_parallel"] = sequence_parallel_cases(groups)
     return results
 
 
@@ -239,3 +243,12 @@ def test_tp2_meta_init_allocates_only_the_shards(tp2_results):
     from test_meta_init import check_meta_init_tp2
 
     check_meta_init_tp2([results["meta_init"] for results in tp2_results])
+
+
+@pytest.mark.parametrize("case", SP_CASES)
+def test_tp2_sequence_parallel_equals_one_process(tp2_results, case):
+    """TP=2 with the residual stream split along the sequence: loss, logits and every gradient of
+    one process, (B, T/2, D) between blocks (``test_sequence_parallel.sequence_parallel_cases``)."""
+    from test_sequence_parallel import check_sequence_parallel_case
+
+    check_sequence_parallel_case([results["sequence_parallel"] for results in tp2_results], case)

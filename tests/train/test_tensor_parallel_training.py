@@ -55,6 +55,10 @@ def _parity_worker(rank, world_size, root):
         out[zero] = {"losses": result.losses, "evals": result.evals, "checkpoint": str(result.checkpoint),
                      "weights": None if loaded is None else {k: v.numpy() for k, v in loaded.state_dict.items()},
                      "norms": _norms(run_dir) if rank == 0 else None, "tokens": _tokens(run_dir) if rank == 0 else None}
+    if world_size == 2:  # issue 10's sequence parallelism: the ZeRO-0 job split along the sequence too
+        from test_sequence_parallel import sequence_parallel_run
+
+        out["sp"] = sequence_parallel_run(_job(Path(root) / "z0-tp2-sp", 2, 0))
     return out
 
 
@@ -82,6 +86,9 @@ def test_two_tensor_parallel_ranks_train_like_one_process(tmp_path):
         for name, value in ref["weights"].items():
             torch.testing.assert_close(torch.from_numpy(p0["weights"][name]), torch.from_numpy(value),
                                        rtol=1e-4, atol=1e-5, msg=lambda m: f"ZeRO-{zero} {name}: {m}")
+    from test_sequence_parallel import check_sequence_parallel_run
+
+    check_sequence_parallel_run(two[0]["sp"], two[0][0])  # SP follows TP=2 without it
     marker = json.loads((Path(two[0][0]["checkpoint"]) / "COMPLETE.json").read_text())
     assert marker["layout"] == {"tensor_parallel": 2}
 
