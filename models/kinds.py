@@ -14,21 +14,10 @@ import torch
 from torch import nn
 
 from hybrid_lm.models.config import ModelConfig
+from hybrid_lm.models.hmt.model import HMTLM
+from hybrid_lm.models.hybrid import HybridLM
 
-
-def _hybrid(config: ModelConfig) -> nn.Module:
-    from hybrid_lm.models.hybrid import HybridLM
-
-    return HybridLM(config)
-
-
-def _hmt(config: ModelConfig) -> nn.Module:
-    from hybrid_lm.models.hmt.model import HMTLM
-
-    return HMTLM(config)
-
-
-_BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {"hybrid": _hybrid, "hmt": _hmt}
+_BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {"hybrid": HybridLM, "hmt": HMTLM}
 
 
 def build_lm(config: ModelConfig) -> nn.Module:
@@ -43,8 +32,6 @@ def adapt_init_state(config: ModelConfig, state: dict[str, torch.Tensor]) -> tup
     load under ``backbone.`` and the HMT parameters keep their init, the start of the two-stage
     recipe. Anything else loads as saved."""
     if config.kind == "hmt" and not any(k.startswith("backbone.") for k in state):
-        from hybrid_lm.models.hmt.model import HMTLM
-
         with torch.device("meta"):
             own = {k for k in HMTLM(config).state_dict() if not k.startswith("backbone.")}
         return {f"backbone.{k}": v for k, v in state.items()}, own
