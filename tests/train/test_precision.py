@@ -92,3 +92,21 @@ def test_fp16_refused_where_deepspeed_has_none(tmp_path, monkeypatch):
 def test_fp16_at_zero0_refused_at_config_load(tmp_path):
     with pytest.raises(ConfigError, match="parallel.dtype: fp16 needs parallel.zero_stage >= 1"):
         _engine(tmp_path, "fp16", 0)
+
+
+@pytest.mark.slow
+def test_bf16_resume_is_exact(tmp_path):
+    """The fp32 groups survive a DeepSpeed checkpoint: 4 bf16 ZeRO-2 steps straight equal 2 + resume + 2."""
+    from hybrid_lm.train.loop import train
+
+    def run(run_dir, **train_section):
+        job = synthetic.job_dict(run_dir, steps=4, zero_stage=2, train=train_section)
+        job["model"] = MODEL
+        job["parallel"]["dtype"] = "bf16"
+        return train(job_config_from_dict(job), make_loader=synthetic.factory())
+
+    straight = run(tmp_path / "a")
+    first = run(tmp_path / "b", stop_at=2)
+    second = run(tmp_path / "b")
+    assert sorted(second.losses) == [2, 3]
+    assert {**first.losses, **second.losses} == straight.losses
