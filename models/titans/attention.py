@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybrid_lm.kernels.ssd.reference import segment_index
 from hybrid_lm.models.attention.rope import apply_rope, rope_cos_sin
 from hybrid_lm.models.attention.window import blocked_window_attention, causal_context
 from hybrid_lm.models.common.mixer import Layer, State, linear_flops
@@ -101,7 +102,9 @@ class SlidingWindowAttention(nn.Module):
         q, k = rope(q, pos, self.rope_base), rope(k, pos, self.rope_base)
         keys = torch.cat([state["k"].to(x.dtype), k], dim=2)
         vals = torch.cat([state["v"].to(x.dtype), v], dim=2)
-        docs = torch.zeros(bsz, seq_len, dtype=torch.long, device=x.device) if doc_ids is None else doc_ids
+        # segments, not raw ids: a document that reuses an earlier one's id is still another document
+        # (the carried cache belongs to segment 0, the row's first document)
+        docs = torch.zeros(bsz, seq_len, dtype=torch.long, device=x.device) if doc_ids is None else segment_index(doc_ids)
         kdocs = torch.cat([docs[:, :1].expand(bsz, c), docs], dim=1)
         kvalid = torch.cat([state["valid"], state["valid"].new_ones(bsz, seq_len)], dim=1)
         pers = self.persistent.expand(bsz, x.dtype) if self.persistent is not None else None

@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from hybrid_lm.kernels.ssd.reference import segment_index
+
 
 @dataclass
 class Streams:
@@ -98,7 +100,8 @@ def causal_windows(
     if doc_ids is None:
         docs = torch.zeros(batch, seq_len + size - 1, dtype=torch.long, device=x.device)
     else:
-        docs = torch.cat([doc_ids[:, :1].expand(batch, size - 1), doc_ids], dim=1)
+        seg = segment_index(doc_ids)  # segments, not raw ids: a reused id is still another document
+        docs = torch.cat([seg[:, :1].expand(batch, size - 1), seg], dim=1)
     windows = xp.unfold(1, size, 1).permute(0, 1, 3, 2)  # (B, T, size, C)
     mask = valid.unfold(1, size, 1) & (docs.unfold(1, size, 1) == docs[:, size - 1 :, None])
     keep = size - 1

@@ -63,6 +63,16 @@ def test_packed_documents_equal_separate(letter: str) -> None:
 
 
 @pytest.mark.parametrize("letter", LETTERS)
+def test_reused_document_id_is_another_document(letter: str) -> None:
+    """A document whose id an earlier one of the row used (0, 1, 0) is still a new document: its
+    conv taps, Omega window and attention window (3 here) must not reach the first one's tokens."""
+    layer, x = build(letter), inputs()
+    reused = torch.tensor([[0] * 4 + [1] * 1 + [0] * 6] * 2)
+    fresh = torch.tensor([[0] * 4 + [1] * 1 + [2] * 6] * 2)
+    torch.testing.assert_close(layer(x, doc_ids=reused)[0], layer(x, doc_ids=fresh)[0], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("letter", LETTERS)
 @pytest.mark.parametrize("chunk,segment", [(2, 4), (1, 3), (3, 6), (4, 8)], ids=lambda v: str(v))
 def test_step_equals_parallel_forward(letter: str, chunk: int, segment: int) -> None:
     """Token-by-token decoding is the sequential form of every layer: the chunk-start weights,
