@@ -197,9 +197,9 @@ def _resume_worker(rank, world_size, root):
         return train(job_config_from_dict(job), make_loader=synthetic.factory())
 
     # first (DeepSpeed keeps process-wide group state that a pipeline engine leaves behind): a
-    # data-parallel ZeRO-1 checkpoint over the same 2 ranks, which a pipeline run cannot reshard
+    # data-parallel ZeRO-3 checkpoint over the same 2 ranks, which a pipeline run cannot reshard
     # (checkpoint/reshard.py) and must refuse to resume
-    train(job_config_from_dict(_job(Path(root) / "dp", "M-A-", 1, zero_stage=1, eval={"hooks": []},
+    train(job_config_from_dict(_job(Path(root) / "dp", "M-A-", 1, zero_stage=3, eval={"hooks": []},
                                     train={"steps": 2})),
           make_loader=synthetic.factory())
     try:
@@ -230,7 +230,7 @@ def test_resume_on_the_same_pipeline_layout_is_exact(tmp_path):
     assert math.isnan(out["straight"][1]) and math.isnan(merged[1]) and out["skipped"] == 1  # step 2 skipped
     assert {k: v for k, v in merged.items() if k != 1} == {k: v for k, v in out["straight"].items() if k != 1}  # bitwise
     assert out["same"] is True
-    assert out["refused"] is not None and "cannot be resharded: saved with parallel.zero_stage=1" in out["refused"] \
+    assert out["refused"] is not None and "cannot be resharded: saved with parallel.zero_stage=3" in out["refused"] \
         and "now world_size=2, pipeline_parallel=2, pipeline_stages=M-|A-" in out["refused"], out["refused"]
 
 

@@ -31,11 +31,11 @@ import synthetic
 
 #: attention + MLP twice, tied head; 2 heads and the MLP split over 2 TP ranks, one pair per stage
 MODEL = {"vocab_size": 64, "d_model": 32, "attention": {"n_heads": 2}, "mlp": {"hidden_size": 32}}
-LAYOUTS = {  # name: (parallel section, gradient accumulation): 4 sequences of micro-batch 2 per step
-    "one": ({}, 2),
-    "tp2xpp2": ({"tensor_parallel": 2, "pipeline_parallel": 2, "pipeline_micro_batches": 2}, 1),
-    "dp2xtp2": ({"tensor_parallel": 2}, 1),
-    "dp2xpp2": ({"pipeline_parallel": 2, "pipeline_micro_batches": 1}, 1),
+LAYOUTS = {  # name: (parallel section, gradient accumulation, ZeRO stage): 4 sequences of micro-batch 2 per step
+    "one": ({}, 2, 0),
+    "tp2xpp2": ({"tensor_parallel": 2, "pipeline_parallel": 2, "pipeline_micro_batches": 2}, 1, 0),
+    "dp2xtp2": ({"tensor_parallel": 2}, 1, 2),
+    "dp2xpp2": ({"pipeline_parallel": 2, "pipeline_micro_batches": 1}, 1, 1),
 }
 
 
@@ -43,9 +43,9 @@ def _run(root, name, layout, every=0, **train_extra):
     from hybrid_lm.train.config import job_config_from_dict
     from hybrid_lm.train.loop import train
 
-    parallel, gas = LAYOUTS[layout]
+    parallel, gas, zero = LAYOUTS[layout]
     # checkpoints only where a segment stops (and every 4 steps for the straight run: the export check)
-    job = synthetic.job_dict(Path(root) / name, steps=7, gas=gas, parallel=dict(parallel), train=train_extra,
+    job = synthetic.job_dict(Path(root) / name, steps=8, gas=gas, zero_stage=zero, parallel=dict(parallel), train=train_extra,
                              checkpoint={"every": every, "keep": 2}, eval={"hooks": []})
     job["model"] = dict(MODEL, layer_pattern="A-|A-" if "pp" in layout else "A-A-")
     result = train(job_config_from_dict(job), make_loader=synthetic.factory())
@@ -83,11 +83,11 @@ def test_runs_continue_across_tensor_pipeline_and_data_parallel_layouts(tmp_path
     four = run_distributed(_four_ranks, 4, args=(str(tmp_path), start["ckpt"]), timeout_s=600)
     back = {"from_tpxpp": _run(tmp_path, "back1", "one", resume=four[0]["tpxpp"]["ckpt"]),
             "from_dppp": _run(tmp_path, "back2", "one", resume=four[0]["dppp"]["ckpt"])}
-    assert sorted(ref["losses"]) == list(range(7)) and ref["losses"][6] < ref["losses"][0]
+    assert sorted(ref["losses"]) == list(range(8)) and ref["losses"][7] < ref["losses"][0]
     assert ref["norms"][0] > 1.0  # clipping (grad_clip 1.0) acts
     segments = {"start": (start, [0]), "tpxpp": (four[0]["tpxpp"], [1, 2, 3]), "dptp": (four[0]["dptp"], [4]),
-                "dppp": (four[0]["dppp"], [5]), "from_tpxpp": (back["from_tpxpp"], [4, 5, 6]),
-                "from_dppp": (back["from_dppp"], [6])}
+                "dppp": (four[0]["dppp"], [5]), "from_tpxpp": (back["from_tpxpp"], [4, 5, 6, 7]),
+                "from_dppp": (back["from_dppp"], [6, 7])}
     for name, (seg, steps) in segments.items():
         assert sorted(seg["losses"]) == steps, name
         for step in steps:
@@ -98,7 +98,7 @@ def test_runs_continue_across_tensor_pipeline_and_data_parallel_layouts(tmp_path
     for key in ("tpxpp", "dptp", "dppp"):  # every rank logs the same global loss
         assert all(r[key]["losses"] == four[0][key]["losses"] for r in four), key
     # tokens: each pipeline's and TP group's losses counted once; the counters carry over
-    assert four[0]["tpxpp"]["tokens"] == 4 * 128 and back["from_dppp"]["tokens"] == 7 * 128
+    assert four[0]["tpxpp"]["tokens"] == 4 * 128 and back["from_dppp"]["tokens"] == 8 * 128
     marker = json.loads((Path(four[0]["tpxpp"]["ckpt"]) / "COMPLETE.json").read_text())
     assert marker["layout"] == {"pipeline_parallel": 2, "pipeline_stages": "A-|A-", "tensor_parallel": 2}
     # export of TP x PP: every (stage, TP rank)'s layer files re-assembled into the one-process model

@@ -56,13 +56,22 @@ def _named_parameters(engine: Any) -> list[tuple[str, nn.Parameter]]:
     return list(engine.module.named_parameters())
 
 
+def _optimizer_params(engine: Any) -> list[list[nn.Parameter]]:
+    """The model parameters the optimizer updates, by group, in its order (under ZeRO 1-2 DeepSpeed
+    swaps the optimizer's own groups for flat partitions; its ``bit16_groups`` keep the order)."""
+    ds = engine._ds
+    if ds.zero_optimization_stage():
+        return [list(group) for group in ds.optimizer.bit16_groups]
+    return [list(group["params"]) for group in engine.optimizer.param_groups]
+
+
 def supported(engine: Any) -> Optional[str]:
     """None when ``engine``'s state can be resharded, else why not."""
     ds = getattr(engine, "_ds", None)
     if ds is None:
         return "the engine keeps no DeepSpeed state"
-    if ds.zero_optimization_stage() != 0:
-        return f"parallel.zero_stage={ds.zero_optimization_stage()} (resharding needs zero_stage 0)"
+    if ds.zero_optimization_stage() > 2:
+        return f"parallel.zero_stage={ds.zero_optimization_stage()} (resharding needs zero_stage 0-2)"
     if ds.bfloat16_enabled() or ds.fp16_enabled():
         return "bf16/fp16 training (resharding needs fp32)"
     return None
@@ -75,15 +84,20 @@ def describe(engine: Any) -> dict[str, Any]:
         return {"unsupported": why_not}
     group = _tp_group(engine)
     names = {id(p): name for name, p in _named_parameters(engine)}
+    ds = engine._ds
     params = []
-    for group_ in engine.optimizer.param_groups:
-        for p in group_["params"]:
+    for group_params in _optimizer_params(engine):
+        for p in group_params:
             split = getattr(p, "_tp_split", None)
-            params.append([names[id(p)], None if split is None else [split.dim, list(split.sizes)]])
+            # [the model's name, the plan's cut, DeepSpeed's name (its ZeRO slice maps use it), this rank's shape]
+            params.append([names[id(p)], None if split is None else [split.dim, list(split.sizes)],
+                           ds.param_names.get(p, names[id(p)]), list(p.shape)])
+    zero = ds.zero_optimization_stage()
     return {"data_rank": engine.data_rank, "data_size": engine.data_size,
             "tp_rank": 0 if group is None else dist.get_rank(group),
-            "tp_size": 1 if group is None else dist.get_world_size(group),
-            "optimizer_file": Path(engine._ds._get_ckpt_name("", DS_TAG)).name, "params": params}
+            "tp_size": 1 if group is None else dist.get_world_size(group), "zero_stage": zero,
+            "optimizer_file": Path(ds._get_zero_ckpt_name("", DS_TAG) if zero else ds._get_ckpt_name("", DS_TAG)).name,
+            "params": params}
 
 
 def _saved_shards(ckpt: Path, world_size: int) -> list[dict[str, Any]]:
@@ -117,6 +131,9 @@ def _full_moments(ckpt: Path, saved: list[dict[str, Any]]) -> dict[str, dict[str
             if shards["data_rank"] != 0 or shards["optimizer_file"] in seen_files:
                 continue  # data-parallel replicas hold the same state
             seen_files.add(shards["optimizer_file"])
+            if shards.get("zero_stage", 0):
+                _zero_pieces(ds_dir, saved, shards, pieces, splits, tp_size)
+                continue
             blob = torch.load(ds_dir / shards["optimizer_file"], map_location="cpu", weights_only=True)
             opt = blob.get("optimizer")
             if not isinstance(opt, dict) or "state" not in opt:
@@ -125,7 +142,7 @@ def _full_moments(ckpt: Path, saved: list[dict[str, Any]]) -> dict[str, dict[str
             if len(indices) != len(shards["params"]):
                 raise layout.CheckpointError(f"{ds_dir / shards['optimizer_file']}: {len(indices)} optimizer "
                                              f"parameters, the rank's record lists {len(shards['params'])}")
-            for index, (name, split) in zip(indices, shards["params"]):
+            for index, (name, split, *_) in zip(indices, shards["params"]):
                 # a tied weight held by two stages: both copies saw the same summed gradients
                 pieces.setdefault(name, {}).setdefault(shards["tp_rank"], opt["state"].get(index, {}))
                 splits[name] = None if split is None else Split(split[0], tuple(split[1]))
@@ -145,6 +162,38 @@ def _full_moments(ckpt: Path, saved: list[dict[str, Any]]) -> dict[str, dict[str
                           else unshard([by_rank[r][key] for r in range(tp_size[name])], splits[name]))
         full[name] = state
     return full
+
+
+def _zero_pieces(ds_dir: Path, saved: list[dict[str, Any]], first: dict[str, Any],
+                 pieces: dict[str, dict[int, dict[str, torch.Tensor]]], splits: dict[str, Any],
+                 tp_size: dict[str, int]) -> None:
+    """The AdamW state of one (tensor, pipeline) rank's parameters from its ZeRO 1-2 partitions:
+    every data rank's file holds a flat slice of each group, and DeepSpeed's ``param_slice_mappings``
+    say where each parameter's fragment sits in it; a parameter's fragments in data-rank order are
+    the parameter, flattened."""
+    from hybrid_lm.models.common.tp_plan import Split
+
+    suffix = "_mp_rank_" + first["optimizer_file"].split("_mp_rank_")[1]
+    replicas = sorted((s for s in saved if s["optimizer_file"].endswith(suffix)), key=lambda s: s["data_rank"])
+    fragments: dict[tuple[str, str], list[torch.Tensor]] = {}
+    step = None
+    for shards in replicas:
+        state = torch.load(ds_dir / shards["optimizer_file"], map_location="cpu", weights_only=True)["optimizer_state_dict"]
+        base = state["base_optimizer_state"]
+        group_states = base if isinstance(base, list) else [base["state"][i] for i in sorted(base["state"])]
+        for group, mapping in zip(group_states, state["param_slice_mappings"]):
+            if not group:
+                continue  # never stepped
+            step = group["step"]
+            for ds_name, address in mapping.items():
+                for key in MOMENTS:
+                    fragments.setdefault((ds_name, key), []).append(group[key].narrow(0, address.start, address.numel))
+    for name, split, ds_name, shape in first["params"]:
+        stepped = (ds_name, MOMENTS[0]) in fragments
+        pieces.setdefault(name, {}).setdefault(first["tp_rank"], {} if not stepped else {
+            "step": step, **{key: torch.cat(fragments[ds_name, key]).view(shape) for key in MOMENTS}})
+        splits[name] = None if split is None else Split(split[0], tuple(split[1]))
+        tp_size[name] = first["tp_size"]
 
 
 def load(engine: Any, ckpt: Path, *, saved_world_size: int) -> None:
@@ -170,28 +219,61 @@ def load(engine: Any, ckpt: Path, *, saved_world_size: int) -> None:
                                          f"cannot cut into this rank's {tuple(p.shape)}")
         return piece.to(device=p.device, dtype=p.dtype)
 
-    named = _named_parameters(engine)
-    names = {id(p): name for name, p in named}
-    optimizer = engine.optimizer
+    names = {id(p): name for name, p in _named_parameters(engine)}
+    groups = _optimizer_params(engine)
+    for p in (p for group_params in groups for p in group_params):
+        if names[id(p)] not in weights or names[id(p)] not in moments:
+            raise layout.CheckpointError(f"{ckpt}: holds no {names[id(p)]} (another model?)")
+    with torch.no_grad():
+        if engine._ds.zero_optimization_stage():
+            _load_zero(engine, groups, names, weights, moments, mine)
+        else:
+            _load_plain(engine.optimizer, groups, names, weights, moments, mine)
+    steps = json.loads((ckpt / layout.MARKER).read_text())["step"]
+    engine._ds.global_steps = steps  # DeepSpeed's own counter, as a same-layout load restores it
+
+
+def _load_plain(optimizer: Any, groups: list[list[nn.Parameter]], names: dict[int, str], weights: dict[str, Any],
+                moments: dict[str, dict[str, Any]], mine: Any) -> None:
+    """ZeRO-0: the weights into the parameters, the moments as the torch optimizer's own state dict."""
     state_dict = optimizer.state_dict()
     new_state: dict[int, dict[str, Any]] = {}
     index = 0
-    with torch.no_grad():
-        for group_ in optimizer.param_groups:
-            for p in group_["params"]:
-                name = names[id(p)]
-                if name not in weights or name not in moments:
-                    raise layout.CheckpointError(f"{ckpt}: holds no {name} (another model?)")
-                p.copy_(mine(name, p, weights[name]))
-                saved_state = moments[name]
-                if saved_state:
-                    new_state[index] = {"step": saved_state["step"].clone(),
-                                        **{k: mine(name, p, saved_state[k]) for k in MOMENTS}}
-                index += 1
+    for group_params in groups:
+        for p in group_params:
+            name = names[id(p)]
+            p.copy_(mine(name, p, weights[name]))
+            if moments[name]:
+                new_state[index] = {"step": moments[name]["step"].clone(),
+                                    **{k: mine(name, p, moments[name][k]) for k in MOMENTS}}
+            index += 1
     state_dict["state"] = new_state
     optimizer.load_state_dict(state_dict)
-    steps = json.loads((ckpt / layout.MARKER).read_text())["step"]
-    engine._ds.global_steps = steps  # DeepSpeed's own counter, as a same-layout load restores it
+
+
+def _load_zero(engine: Any, groups: list[list[nn.Parameter]], names: dict[int, str], weights: dict[str, Any],
+               moments: dict[str, dict[str, Any]], mine: Any) -> None:
+    """ZeRO 1-2: the weights into the parameters and DeepSpeed's fp32 partitions, the moments into
+    the optimizer state of those partitions, each through DeepSpeed's per-parameter fragment map
+    (``safe_set_full_*``: a rank writes the part of a parameter its partition holds)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    zero = engine._ds.optimizer
+    steps = [m["step"] for m in moments.values() if m]
+    if steps:
+        for flat in zero.single_partition_of_fp32_groups:
+            zero.optimizer.state[flat] = {"step": steps[0].clone(), **{k: torch.zeros_like(flat) for k in MOMENTS}}
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+    for group_params in groups:
+        for p in group_params:
+            name = names[id(p)]
+            value = mine(name, p, weights[name])
+            p.copy_(value)
+            safe_set_full_fp32_param(p, value)
+            if moments[name]:
+                for key in MOMENTS:
+                    safe_set_full_optimizer_state(p, mine(name, p, moments[name][key]), key)
 
 
 def loader_state(loader: Any, saved: Any) -> Any:
