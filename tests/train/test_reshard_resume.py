@@ -1,18 +1,20 @@
-"""Model-parallel layouts and resuming across them (train/checkpoint/reshard.py): one run of 7 steps
+"""Model-parallel layouts and resuming across them (train/checkpoint/reshard.py): one run of 8 steps
 continued from layout to layout, each segment's per-step losses and gradient norms those of the
 uninterrupted one-process run.
 
-    1 process (step 1)  ->  TP=2 x PP=2 (steps 2-4)  ->  DP=2 x TP=2 (step 5)  ->  DP=2 x PP=2 (step 6)
-                                 |                                                    |
-                                 +-> 1 process (steps 5-7)                 1 process (step 7)
+    1 process (step 1)  ->  TP=2 x PP=2 (steps 2-4)  ->  DP=2 x TP=2, ZeRO-2 (step 5)  ->  DP=2 x PP=2, ZeRO-1 (step 6)
+                                 |                                                                |
+                                 +-> 1 process (steps 5-8)                            1 process (steps 7-8)
 
 The middle three run on 4 gloo ranks in one spawned group, the one-process runs in the test's own
 process (a spawn costs tens of seconds of imports on a loaded 2-core machine). So TP=2 x PP=2
-trains three steps like one process; TP1 -> TP2 and back, PP1 -> PP2 and back, DP1 -> DP2 and back
-and TP2 x PP2 <-> TP1 x PP1 are each crossed, with weights, AdamW moments and step counts, trainer
-counters and the loader cursors (remapped by SyntheticLoader when the data-parallel size changes)
-carried over; and the export of the TP x PP checkpoint is the one-process model at the same step.
-Every layout sees the same 4 sequences per step; 7 steps schedule the LR of every segment alike.
+trains three steps like one process; TP1 -> TP2 and back, PP1 -> PP2 and back, DP1 -> DP2 and back,
+TP2 x PP2 <-> TP1 x PP1 and ZeRO 0 -> 2 -> 1 -> 0 are each crossed, with weights, AdamW moments and
+step counts, trainer counters and the loader cursors (remapped by SyntheticLoader when the
+data-parallel size changes) carried over; and the export of the TP x PP checkpoint is the
+one-process model at the same step. Every layout sees the same 4 sequences per step; 8 steps
+schedule the LR of every segment alike. A segment's losses after its first step check the moments
+it loaded (zeroing them on the ZeRO read or write side fails this test).
 
 Tolerance: rel 1e-5 / abs 1e-6 on losses and norms, rtol 1e-4 / atol 1e-5 on exported weights,
 the TP and PP parity tests' (test_tensor_parallel_training.py, test_pipeline.py): a row-parallel

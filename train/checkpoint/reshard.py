@@ -5,26 +5,32 @@ layout loaded into an engine of another, model weights and AdamW state carried o
 
 How: our own consolidation to a layout-free form, then a re-split with the families' TP plans.
 Each rank records at save time (``describe``, in its ``rank-XXXXX.json``) where it sits (data,
-tensor and pipeline rank), the DeepSpeed file holding its optimizer, and its optimizer's parameters
-in order as ``HybridLM`` names with the ``Split`` that cut each. A resume on another layout
-(``load``) rebuilds from that, on every rank: the full weights (``consolidate``, as export does),
-the full AdamW moments of every parameter (each one's pieces from the saving TP ranks joined with
-``tensor_parallel.unshard``; a tied weight held by two stages taken once), and then gives each of
-its own parameters its piece (``tensor_parallel.shard`` with the new engine's plans). AdamW's step
-count, the trainer counters and the LR (a pure function of the step) carry over as they are;
-the data loaders' cursors are remapped by the loader (``loader_state``).
+tensor rank), the DeepSpeed file holding its optimizer state, and its optimizer's parameters in
+order: ``HybridLM`` name, the ``Split`` that cut it, DeepSpeed's name, its local shape. A resume
+on another layout (``load``) rebuilds from that, on every rank: the full weights (``consolidate``,
+as export does) and the full AdamW moments of every parameter: at ZeRO-0 from the torch
+optimizer's state dict in DeepSpeed's module file; at ZeRO 1-2 from every data rank's flat
+partition, cut at the fragments DeepSpeed's ``param_slice_mappings`` list (a parameter's
+fragments in data-rank order are the parameter); then each saving TP rank's pieces joined with
+``tensor_parallel.unshard`` (a tied weight held by two stages taken once). Each new rank then cuts
+its own pieces with its plans (``tensor_parallel.shard``) and loads them: at ZeRO-0 as the torch
+optimizer's state dict, at ZeRO 1-2 into DeepSpeed's fp32 partitions and their AdamW state through
+its per-parameter fragment map (``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state``).
+AdamW's step count, the trainer counters and the LR (a pure function of the step) carry over as
+they are; the data loaders' cursors are remapped by the loader (``loader_state``).
 
 Why not DeepSpeed's universal checkpoint (``ds_to_universal`` + ``load_universal_checkpoint``):
-it converts ZeRO optimizer partitions (stages 1-3) and needs the model to describe its TP slicing
-in Megatron-DeepSpeed's patterns, while our TP plans cut fused projections per component
-(``Split.sizes``, Mamba-2's z/x/B/C/dt), which those patterns cannot say, and our ZeRO-0 runs
-keep a plain torch AdamW whose state DeepSpeed saves as ``optimizer.state_dict()`` and no universal
-loader reads. The plans that cut the model are the one source of truth for re-assembling it.
+it describes TP slicing in Megatron-DeepSpeed's patterns, while our TP plans cut fused projections
+per component (``Split.sizes``, Mamba-2's z/x/B/C/dt), which those patterns cannot say, and at
+ZeRO-0 DeepSpeed keeps a plain torch AdamW whose state no universal loader reads. The plans that
+cut the model are the one source of truth for re-assembling it; from DeepSpeed only its own
+fragment maps are used, read and written through its public helpers.
 
-Limits (refused with a message naming them): ZeRO-0 in fp32 only, at save and at resume (ZeRO
-1-2 keep the moments in flat partitions; bf16 in its own optimizer's fp32 copies); the whole
-model's weights and moments are assembled on every rank (host memory for 3x the fp32 model);
-a data-parallel size change needs a loader that can remap its cursors (``remap_state_dicts``).
+Limits (refused with a message naming them): fp32 only (bf16 keeps its fp32 masters in its own
+optimizer), ZeRO 0-2 (ZeRO-3 partitions the parameters themselves), no context parallelism; the
+whole model's weights and moments are assembled on every rank (host memory for 3x the fp32
+model); a data-parallel size change needs a loader that can remap its cursors
+(``remap_state_dicts``).
 """
 from __future__ import annotations
 
