@@ -78,3 +78,26 @@ def test_two_stage_recipe_and_a_plain_backbone_as_init(tmp_path, shards):
 def test_model_parallel_layouts_are_refused_at_load(tmp_path, key):
     with pytest.raises(ConfigError, match=rf"parallel\.{key}: 2 is not supported"):
         load_job_config("configs/hmt-tiny.yaml", [f"parallel.{key}=2", "model.layer_pattern=A-A-"])
+
+
+def _train_worker(rank, world_size, job):
+    from hybrid_lm.train.config import job_config_from_dict
+    from hybrid_lm.train.loop import train
+
+    return train(job_config_from_dict(job), make_loader=synthetic.factory()).losses
+
+
+@pytest.mark.distributed
+def test_two_ranks_match_one_rank_with_double_accumulation(tmp_path):
+    """Data parallelism: 2 gloo ranks at ZeRO-2 give one rank's losses with 2 micro-batches."""
+    from distributed_utils import run_distributed
+
+    model = {"vocab_size": 64, "d_model": 32, "layer_pattern": "M-A-", "attention": {"n_heads": 2},
+             "mamba2": {"d_state": 8, "headdim": 16, "chunk_size": 8}, "hmt": HMT}
+    two = run_distributed(_train_worker, 2, args=(synthetic.job_dict(tmp_path / "two", steps=4, zero_stage=2,
+                                                                     model=model, eval={"hooks": []}),))
+    one = run_distributed(_train_worker, 1, args=(synthetic.job_dict(tmp_path / "one", steps=4, zero_stage=0, gas=2,
+                                                                     model=model, eval={"hooks": []}),))
+    assert sorted(two[0]) == sorted(one[0]) == list(range(4))
+    for step in one[0]:
+        assert two[0][step] == pytest.approx(one[0][step], rel=1e-5, abs=1e-6), step
