@@ -93,6 +93,12 @@ def meta_init_case(groups) -> dict:
             grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         out["ac_loss_equal"] = losses[0] == losses[1]
         out["ac_grads_unequal"] = [n for n in grads[0] if not torch.equal(grads[0][n], grads[1][n])]
+        # the materialised model computes as the eager split one: TP's gradient hooks (the partial
+        # gradients of shared per-head parameters summed over the ranks) came through
+        eager(ids, labels=torch.roll(ids, -1, dims=1)).loss.backward()
+        out["eager_grads_unequal"] = [n for n, p in eager.named_parameters()
+                                      if p.grad is not None and not torch.equal(p.grad, grads[0][n])]
+        out["partial_grad_hooks"] = sum(bool(getattr(p, "_backward_hooks", None)) for p in model.parameters())
     except Exception:  # noqa: BLE001 - reported by the test
         out["error"] = traceback.format_exc()
     return out
@@ -109,3 +115,4 @@ def check_meta_init_tp2(results: list[dict]) -> None:
         assert res["split_bytes"] * 2 + replicated == res["full_bytes"], res
         assert res["bytes"] < 0.6 * res["full_bytes"], res
         assert res["ac_loss_equal"] and res["ac_grads_unequal"] == [], res
+        assert res["eager_grads_unequal"] == [] and res["partial_grad_hooks"] > 0, res
