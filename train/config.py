@@ -139,6 +139,11 @@ class JobConfig:
     def _check_hmt(self) -> None:
         if self.model.hmt is None:
             return
+        if self.model.hmt.freeze_backbone and self.parallel.zero_stage > 0:
+            # DeepSpeed's consolidation of a ZeRO checkpoint reads the optimizer's fp32 partitions,
+            # which hold only trained parameters: a frozen backbone would be missing from exports
+            raise ConfigError(f"model.hmt.freeze_backbone: needs parallel.zero_stage=0, got "
+                              f"{self.parallel.zero_stage} (a ZeRO checkpoint consolidates only trained weights)")
         # the HMT wrapper runs its backbone once per segment on re-batched documents; the layer
         # splits (TP), stage cuts (PP) and sequence shards (CP) are written for one pass of the stack
         for key in ("tensor_parallel", "pipeline_parallel", "context_parallel"):

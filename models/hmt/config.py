@@ -38,6 +38,10 @@ class HMTConfig:
     """False: stage 1 of the two-stage recipe (RMT with sensory memory): the memory token is the
     previous segment's memory embedding, no summary pass, no recall; the recall weights still
     exist so stage 2 loads stage 1's checkpoint with ``train.init_from``"""
+    freeze_backbone: bool = False
+    """train only the HMT weights (T, m_init, the recall projections); the backbone, e.g. loaded with
+    ``train.init_from`` from an imported model, keeps its weights (the reference tunes it with LoRA
+    or not at all)"""
     carry_backbone_state: bool = False
     """carry the recurrent states of the backbone's stateful non-attention layers (Mamba-2, memory
     letters) from one segment's main pass to the next one of the same document. Off as in the

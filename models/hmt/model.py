@@ -120,6 +120,8 @@ class HMTLM(nn.Module):
         per_block = [not isinstance(b.layer, Attention) and b.layer.stateful for b in self.backbone.blocks]
         self._carried = per_block * getattr(self.backbone, "loops", 1)
         self.init_weights()
+        if self.hmt.freeze_backbone:
+            self.backbone.requires_grad_(False)
 
     @torch.no_grad()
     def init_weights(self) -> None:

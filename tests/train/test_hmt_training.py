@@ -101,3 +101,22 @@ def test_two_ranks_match_one_rank_with_double_accumulation(tmp_path):
     assert sorted(two[0]) == sorted(one[0]) == list(range(4))
     for step in one[0]:
         assert two[0][step] == pytest.approx(one[0][step], rel=1e-5, abs=1e-6), step
+
+
+@pytest.mark.slow
+def test_frozen_backbone_keeps_its_weights(tmp_path):
+    from hybrid_lm.train.build import build_model
+
+    model = {"vocab_size": 64, "d_model": 32, "layer_pattern": "A-", "attention": {"n_heads": 2},
+             "hmt": {**HMT, "freeze_backbone": True}}
+    cfg = job_config_from_dict(synthetic.job_dict(tmp_path, steps=3, zero_stage=0, model=model, eval={"hooks": []}))
+    result = train(cfg, make_loader=synthetic.factory())
+    start = build_model(cfg.model, seed=0, init_from=None, resuming=False).state_dict()
+    trained = load_model_state(result.checkpoint).state_dict
+    for name, tensor in start.items():
+        assert torch.equal(trained[name], tensor) == name.startswith("backbone."), name
+
+
+def test_frozen_backbone_with_zero_is_refused_at_load():
+    with pytest.raises(ConfigError, match=r"model\.hmt\.freeze_backbone: needs parallel\.zero_stage=0, got 1"):
+        load_job_config("configs/hmt-tiny.yaml", ["model.hmt.freeze_backbone=true"])
