@@ -1,0 +1,1 @@
+"""Relaxed recursive transformers: a looped shared block with per-loop LoRA (see README.md here)."""
