@@ -46,7 +46,8 @@ class ParallelConfig:
     ``activation_checkpointing_layers`` (selective); exact, costs about one more forward per step"""
     activation_checkpointing_layers: str = ""
     """layer letters to checkpoint with ``activation_checkpointing=selective``, e.g. "M" or "CX"; each must
-    occur in model.layer_pattern"""
+    occur in model.layer_pattern (the MLP letter alone must be quoted, ``'"-"'`` on the command line:
+    YAML reads a bare ``-`` as a list)"""
     timeout_s: float = 600.0
     """collective timeout: a rank stuck this long before a collective fails the job instead of hanging"""
     tensor_parallel: int = 1
