@@ -29,6 +29,9 @@ pytestmark = pytest.mark.distributed
 RUNS = [
     ("A-", "contiguous", "allgather", 0),
     ("M-A-", "zigzag", "ulysses", 2),  # Mamba-2's exact state passing (context_parallel/mamba2.py) with attention
+    # the memory relay (context_parallel/memory.py) with MAG's window attention: its gradients must become
+    # ready in the same order on both ranks for ZeRO-2's buckets, and its documents are segments (ids 0, 1, 0)
+    ("G-", "contiguous", "allgather", 2),
 ]
 
 

@@ -105,15 +105,21 @@ def relay_context_parallel(
         s = local[j]
         xs = x[:, j * n:(j + 1) * n]
         docs = None if doc_ids is None else doc_ids[:, j * n:(j + 1) * n]
-        state: Optional[State] = None
-        if s > 0:
+        if s == 0:
+            received = {k: torch.zeros_like(v) for k, v in template.items()}
+            cont = torch.zeros(batch, dtype=torch.bool, device=x.device)
+        else:
             if carried is None:
                 like = [*template.values(), no_ids]
                 *values, prev_last = _unpack(chain.recv(_pack(like), owner(cp, s - 1)[0]), like)
                 carried = (dict(zip(keys, values)), prev_last)
-            state, prev_last = carried
-            if docs is not None:
-                state = _restart(layer, state, prev_last == docs[:, 0], template)
+            received, prev_last = carried
+            cont = torch.ones_like(prev_last, dtype=torch.bool) if docs is None else prev_last == docs[:, 0]
+        # The same ops on every rank and slice, slice 0 included (a select of the initial state): the
+        # parameters' gradients must become ready in the same order on every rank, as DeepSpeed's
+        # ZeRO-2 fills its reduction buckets in that order (G- at contiguous CP=2 mixed gradients
+        # across parameters when slice 0 started from state=None and slice 1 from a select).
+        state = _restart(layer, received, cont, template)
         # the class's forward: apply.py replaced the instance's with the one that calls this function
         y, new = type(layer).forward(layer, xs, state=state, doc_ids=docs, return_state=True)
         outs[j] = y
@@ -122,7 +128,7 @@ def relay_context_parallel(
         if s + 1 == cp.n_slices:
             final = new
         elif owner(cp, s + 1)[0] == cp.rank:
-            carried = (new, last_ids)
+            carried = (dict(zip(keys, _ordered(new, template, f"slice {s}"))), last_ids)
         else:
             chain.send(_pack([*_ordered(new, template, f"slice {s}"), last_ids]), owner(cp, s + 1)[0])
     y = chain.attach(torch.cat(outs, dim=1))  # type: ignore[arg-type]
