@@ -148,10 +148,6 @@ class ParallelConfig:
                               f"engine cannot do (parallel.pipeline_parallel={pp}); use zero_stage 0 or 1")
         if self.cpu_offload:
             raise ConfigError(f"parallel.cpu_offload: not supported with parallel.pipeline_parallel={pp}")
-        if self.tensor_parallel > 1 and self.zero_stage > 0:
-            # DeepSpeed's ZeRO-1 clip would count the pipeline x tensor grid's norm its own way, untested
-            raise ConfigError(f"parallel.zero_stage: {self.zero_stage} is not supported with parallel.pipeline_parallel="
-                              f"{pp} x parallel.tensor_parallel={self.tensor_parallel} (use zero_stage 0)")
 
     @property
     def micro_batches(self) -> int:

@@ -30,7 +30,7 @@ pipeline, so eval hooks work unchanged. Recurrent states and ``generate`` are no
 
 Limits: every rank builds the whole model once (seeded, so stages start from bitwise the weights
 of a one-process run) before keeping its stage: a model must fit one host's memory at start-up.
-ZeRO 0-1 only (DeepSpeed), ZeRO-0 with tensor parallelism, no CPU offload.
+ZeRO 0-1 only (DeepSpeed), no CPU offload.
 """
 from __future__ import annotations
 

@@ -1,18 +1,18 @@
-"""Model-parallel layouts and resuming across them (train/checkpoint/reshard.py): one run of 8 steps
+"""Model-parallel layouts and resuming across them (train/checkpoint/reshard.py): one run of 9 steps
 continued from layout to layout, each segment's per-step losses and gradient norms those of the
 uninterrupted one-process run.
 
-    1 process (step 1)  ->  TP=2 x PP=2 (steps 2-4)  ->  DP=2 x TP=2, ZeRO-2 (step 5)  ->  DP=2 x PP=2, ZeRO-1 (step 6)
-                                 |                                                                |
-                                 +-> 1 process (steps 5-8)                            1 process (steps 7-8)
+    1 process (step 1) -> TP=2 x PP=2 (steps 2-4) -> DP=2 x TP=2, ZeRO-2 (5) -> DP=2 x PP=2, ZeRO-1 (6)
+                               |                                      -> TP=2 x PP=2, ZeRO-1 (7)
+                               +-> 1 process (steps 5-9)                      +-> 1 process (8-9)
 
-The middle three run on 4 gloo ranks in one spawned group, the one-process runs in the test's own
+The middle four run on 4 gloo ranks in one spawned group, the one-process runs in the test's own
 process (a spawn costs tens of seconds of imports on a loaded 2-core machine). So TP=2 x PP=2
-trains three steps like one process; TP1 -> TP2 and back, PP1 -> PP2 and back, DP1 -> DP2 and back,
-TP2 x PP2 <-> TP1 x PP1 and ZeRO 0 -> 2 -> 1 -> 0 are each crossed, with weights, AdamW moments and
-step counts, trainer counters and the loader cursors (remapped by SyntheticLoader when the
-data-parallel size changes) carried over; and the export of the TP x PP checkpoint is the
-one-process model at the same step. Every layout sees the same 4 sequences per step; 8 steps
+trains three steps like one process (and one more at ZeRO-1); TP1 -> TP2 and back, PP1 -> PP2 and
+back, DP1 -> DP2 and back, TP2 x PP2 <-> TP1 x PP1 and ZeRO 0 -> 2 -> 1 -> 1 -> 0 are each crossed,
+with weights, AdamW moments and step counts, trainer counters and the loader cursors (remapped by
+SyntheticLoader when the data-parallel size changes) carried over; and the export of the TP x PP checkpoint is the
+one-process model at the same step. Every layout sees the same 4 sequences per step; 9 steps
 schedule the LR of every segment alike. A segment's losses after its first step check the moments
 it loaded (zeroing them on the ZeRO read or write side fails this test).
 
@@ -36,6 +36,7 @@ MODEL = {"vocab_size": 64, "d_model": 32, "attention": {"n_heads": 2}, "mlp": {"
 LAYOUTS = {  # name: (parallel section, gradient accumulation, ZeRO stage): 4 sequences of micro-batch 2 per step
     "one": ({}, 2, 0),
     "tp2xpp2": ({"tensor_parallel": 2, "pipeline_parallel": 2, "pipeline_micro_batches": 2}, 1, 0),
+    "tp2xpp2z1": ({"tensor_parallel": 2, "pipeline_parallel": 2, "pipeline_micro_batches": 2}, 1, 1),
     "dp2xtp2": ({"tensor_parallel": 2}, 1, 2),
     "dp2xpp2": ({"pipeline_parallel": 2, "pipeline_micro_batches": 1}, 1, 1),
 }
@@ -47,8 +48,8 @@ def _run(root, name, layout, every=0, **train_extra):
 
     parallel, gas, zero = LAYOUTS[layout]
     # checkpoints only where a segment stops (and every 4 steps for the straight run: the export check)
-    job = synthetic.job_dict(Path(root) / name, steps=8, gas=gas, zero_stage=zero, parallel=dict(parallel), train=train_extra,
-                             checkpoint={"every": every, "keep": 2}, eval={"hooks": []})
+    job = synthetic.job_dict(Path(root) / name, steps=9, gas=gas, zero_stage=zero, parallel=dict(parallel), train=train_extra,
+                             checkpoint={"every": every, "keep": 3}, eval={"hooks": []})
     job["model"] = dict(MODEL, layer_pattern="A-|A-" if "pp" in layout else "A-A-")
     result = train(job_config_from_dict(job), make_loader=synthetic.factory())
     rows = [json.loads(line) for line in (Path(root) / name / "metrics.jsonl").read_text().splitlines()]
@@ -69,6 +70,8 @@ def _four_ranks(rank, world_size, root, start):
     out["dptp"] = _run(root, "dptp", "dp2xtp2", resume=out["tpxpp"]["ckpt"], stop_at=5)
     destroy_process_groups()
     out["dppp"] = _run(root, "dppp", "dp2xpp2", resume=out["dptp"]["ckpt"], stop_at=6)
+    destroy_process_groups()
+    out["tpxpp1"] = _run(root, "tpxpp1", "tp2xpp2z1", resume=out["dppp"]["ckpt"], stop_at=7)
     if rank == 0:
         out["weights"] = {k: v.numpy() for k, v in load_model_state(out["tpxpp"]["ckpt"]).state_dict.items()}
     return out
@@ -84,12 +87,12 @@ def test_runs_continue_across_tensor_pipeline_and_data_parallel_layouts(tmp_path
     start = _run(tmp_path, "start", "one", stop_at=1)
     four = run_distributed(_four_ranks, 4, args=(str(tmp_path), start["ckpt"]), timeout_s=600)
     back = {"from_tpxpp": _run(tmp_path, "back1", "one", resume=four[0]["tpxpp"]["ckpt"]),
-            "from_dppp": _run(tmp_path, "back2", "one", resume=four[0]["dppp"]["ckpt"])}
-    assert sorted(ref["losses"]) == list(range(8)) and ref["losses"][7] < ref["losses"][0]
+            "from_tpxpp1": _run(tmp_path, "back2", "one", resume=four[0]["tpxpp1"]["ckpt"])}
+    assert sorted(ref["losses"]) == list(range(9)) and ref["losses"][8] < ref["losses"][0]
     assert ref["norms"][0] > 1.0  # clipping (grad_clip 1.0) acts
     segments = {"start": (start, [0]), "tpxpp": (four[0]["tpxpp"], [1, 2, 3]), "dptp": (four[0]["dptp"], [4]),
-                "dppp": (four[0]["dppp"], [5]), "from_tpxpp": (back["from_tpxpp"], [4, 5, 6, 7]),
-                "from_dppp": (back["from_dppp"], [6, 7])}
+                "dppp": (four[0]["dppp"], [5]), "tpxpp1": (four[0]["tpxpp1"], [6]),
+                "from_tpxpp": (back["from_tpxpp"], [4, 5, 6, 7, 8]), "from_tpxpp1": (back["from_tpxpp1"], [7, 8])}
     for name, (seg, steps) in segments.items():
         assert sorted(seg["losses"]) == steps, name
         for step in steps:
@@ -97,10 +100,10 @@ def test_runs_continue_across_tensor_pipeline_and_data_parallel_layouts(tmp_path
             assert seg["norms"][step] == pytest.approx(ref["norms"][step], rel=1e-5), (name, step)
     # DeepSpeed's model-parallel group is tensor x pipeline: rank = stage * 2 + TP rank, as its grid says
     assert [r["mpu"] for r in four] == [(r % 2, r // 2, 2, r, 4, 1) for r in range(4)]
-    for key in ("tpxpp", "dptp", "dppp"):  # every rank logs the same global loss
+    for key in ("tpxpp", "dptp", "dppp", "tpxpp1"):  # every rank logs the same global loss
         assert all(r[key]["losses"] == four[0][key]["losses"] for r in four), key
     # tokens: each pipeline's and TP group's losses counted once; the counters carry over
-    assert four[0]["tpxpp"]["tokens"] == 4 * 128 and back["from_dppp"]["tokens"] == 8 * 128
+    assert four[0]["tpxpp"]["tokens"] == 4 * 128 and back["from_tpxpp1"]["tokens"] == 9 * 128
     marker = json.loads((Path(four[0]["tpxpp"]["ckpt"]) / "COMPLETE.json").read_text())
     assert marker["layout"] == {"pipeline_parallel": 2, "pipeline_stages": "A-|A-", "tensor_parallel": 2}
     # export of TP x PP: every (stage, TP rank)'s layer files re-assembled into the one-process model

@@ -42,9 +42,6 @@ REFUSED = [
      "parallel.zero_stage: 3 cannot be combined with parallel.tensor_parallel=2 (use zero_stage 0, 1 or 2)"),
     (["parallel.tensor_parallel=2", "model.mamba2.ngroups=2", "parallel.zero_stage=1", "parallel.cpu_offload=true"],
      "parallel.cpu_offload: not supported with parallel.tensor_parallel=2"),
-    (["parallel.tensor_parallel=2", "model.mamba2.ngroups=2", "parallel.pipeline_parallel=2", "parallel.zero_stage=1"],
-     "parallel.zero_stage: 1 is not supported with parallel.pipeline_parallel=2 x parallel.tensor_parallel=2 "
-     "(use zero_stage 0)"),
 ]
 
 
