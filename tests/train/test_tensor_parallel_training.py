@@ -55,10 +55,10 @@ def _parity_worker(rank, world_size, root):
         out[zero] = {"losses": result.losses, "evals": result.evals, "checkpoint": str(result.checkpoint),
                      "weights": None if loaded is None else {k: v.numpy() for k, v in loaded.state_dict.items()},
                      "norms": _norms(run_dir) if rank == 0 else None, "tokens": _tokens(run_dir) if rank == 0 else None}
-    if world_size == 2:  # issue 10's sequence parallelism: the ZeRO-0 job split along the sequence too
+    if world_size == 2:  # issue 10's sequence parallelism: the same jobs split along the sequence too
         from test_sequence_parallel import sequence_parallel_run
 
-        out["sp"] = sequence_parallel_run(_job(Path(root) / "z0-tp2-sp", 2, 0))
+        out["sp"] = {zero: sequence_parallel_run(_job(Path(root) / f"z{zero}-tp2-sp", 2, zero), rank) for zero in (0, 2)}
     return out
 
 
@@ -88,7 +88,8 @@ def test_two_tensor_parallel_ranks_train_like_one_process(tmp_path):
                                        rtol=1e-4, atol=1e-5, msg=lambda m: f"ZeRO-{zero} {name}: {m}")
     from test_sequence_parallel import check_sequence_parallel_run
 
-    check_sequence_parallel_run(two[0]["sp"], two[0][0])  # SP follows TP=2 without it
+    for zero in (0, 2):  # SP follows TP=2 without it
+        check_sequence_parallel_run(two[0]["sp"][zero], two[0][zero])
     marker = json.loads((Path(two[0][0]["checkpoint"]) / "COMPLETE.json").read_text())
     assert marker["layout"] == {"tensor_parallel": 2}
 
