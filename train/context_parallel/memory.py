@@ -17,7 +17,7 @@ layer's initial state (learned W_0), so nothing crosses the boundary; a document
 slice is the layer's own reset.
 
 Cost: the ranks run one after another, so a layer's forward takes about as long as on one rank
-(plus N-1 hops, 2N-1 for zig-zag), and memory per rank falls by N: this is CP for memory, not
+(plus N-1 hops, 2N-2 for zig-zag), and memory per rank falls by N: this is CP for memory, not
 speed. Per hop the state is sent once (and its gradient once in backward); bytes per batch row:
 ``relayed_state_bytes``.
 """
