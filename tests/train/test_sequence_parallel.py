@@ -7,7 +7,9 @@ and DeepSpeed imports, dominates; a spawn of our own would cost more than all ou
   ``test_tp2_sequence_parallel_*``): per pattern, a TP=2 + SP model, the training loss taken from the
   vocabulary-sharded logits as the engine does, gives the loss, the gathered logits and every
   gradient of one unsplit model; the activations between blocks are (B, T/2, D) on each rank; a
-  length that does not split runs as plain TP; activation checkpointing on top stays exact.
+  length that does not split runs as plain TP; activation checkpointing on top stays exact; and
+  for M-A- the collectives of a training forward + backward are counted: all-gathers and
+  reduce-scatters only, no all-reduce inside a layer.
 * ``sequence_parallel_run`` (in tests/train/test_tensor_parallel_training.py's spawn): 4 steps of
   ``train()`` with SP follow the TP=2 run without SP at ZeRO-0 and ZeRO-2 (losses, gradient norms,
   val_loss).
@@ -23,7 +25,9 @@ from __future__ import annotations
 
 import copy
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -56,6 +60,28 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(ATOL))
 
 
+@contextmanager
+def _counting(calls: dict[str, int]) -> Iterator[None]:
+    """Count the calls of the collectives the TP/SP mappings and the loss use."""
+    import torch.distributed as dist
+
+    saved = {name: getattr(dist, name) for name in ("all_reduce", "all_gather", "reduce_scatter")}
+
+    def counted(name: str, fn: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return call
+
+    for name, fn in saved.items():
+        setattr(dist, name, counted(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+
+
 def _compare(groups, kwargs: dict, checkpointing: bool = False) -> dict:
     from hybrid_lm.models.config import ModelConfig
     from hybrid_lm.models.hybrid import HybridLM
@@ -79,12 +105,15 @@ def _compare(groups, kwargs: dict, checkpointing: bool = False) -> dict:
     shapes: list[tuple] = []
     hooks = [b.register_forward_hook(lambda _m, _a, out: shapes.append(tuple(out[0].shape))) for b in split.blocks]
     ref = full(ids, labels=labels, doc_ids=doc_ids)
-    got = VocabParallelLoss(split)(split, ids, labels=labels, doc_ids=doc_ids)
-    for h in hooks:
-        h.remove()
-    out: dict = {"loss": _np(ref.loss, got), "shapes": shapes[:len(split.blocks)], "active": sp.active}
+    calls: dict[str, int] = {}
+    with _counting(calls):
+        got = VocabParallelLoss(split)(split, ids, labels=labels, doc_ids=doc_ids)
+        for h in hooks:
+            h.remove()
+        got.backward()
     ref.loss.backward()
-    got.backward()
+    out: dict = {"loss": _np(ref.loss, got), "shapes": shapes[:len(split.blocks)], "active": sp.active,
+                 "calls": calls}
     grads = full_tensors(split, groups, grads=True)
     out["grads"] = {n: _np(p.grad, grads[n]) for n, p in full.named_parameters() if p.grad is not None}
     out["no_grad"] = sorted(n for n, p in full.named_parameters() if p.grad is None or n not in grads)
@@ -126,6 +155,11 @@ def check_sequence_parallel_case(results_by_rank: list[dict], name: str) -> None
         for pname, pair in res["grads"].items():
             ref, got = map(torch.from_numpy, pair)
             assert _max_rel(got, ref) < RTOL, f"rank {rank} grad {pname}: max rel diff {_max_rel(got, ref):.2e}"
+        if name == "M-A-":
+            # per block: forward all-gather at the layer's entry and reduce-scatter of its output,
+            # backward the reverse; embedding reduce-scatter and head all-gather, and back; no
+            # all-reduce in any layer: only the loss's three and the 5 norm weights' gradients
+            assert res["calls"] == {"all_gather": 10, "reduce_scatter": 10, "all_reduce": 3 + 5}, (rank, res["calls"])
 
 
 def sequence_parallel_run(job: dict, rank: int) -> dict:
