@@ -22,7 +22,6 @@ all-gathers it again in backward; ours keeps g (inside-layer figure).
 from __future__ import annotations
 
 import argparse
-import copy
 import multiprocessing as mp
 import os
 import socket
