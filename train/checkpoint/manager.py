@@ -223,9 +223,8 @@ def _restore_resharded(engine: Engine, ckpt: Path, meta: dict[str, Any], *, rank
 
     old_world = int(meta["world_size"])
     try:
-        if "context_parallel" in meta.get("layout", {}) or "context_parallel" in engine.checkpoint_layout:
-            raise layout.CheckpointError(f"{ckpt}: a context-parallel layout is not resharded (untested); "
-                                         "resume with the same layout")
+        # context parallelism replicates the weights over its ranks: a change of its size is a change
+        # of the data layout only, which the reshard (weights, moments, loader cursors) covers
         reshard.load(engine, ckpt, saved_world_size=old_world)
     except layout.CheckpointError as exc:
         now = _describe_layout(engine.checkpoint_layout, D.dist.get_world_size())

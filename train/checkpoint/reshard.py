@@ -27,10 +27,15 @@ cut the model are the one source of truth for re-assembling it; from DeepSpeed o
 fragment maps are used, read and written through its public helpers.
 
 Limits (refused with a message naming them): fp32 only (bf16 keeps its fp32 masters in its own
-optimizer), ZeRO 0-2 (ZeRO-3 partitions the parameters themselves), no context parallelism; the
+optimizer), ZeRO 0-2 (ZeRO-3 partitions the parameters themselves); the
 whole model's weights and moments are assembled on every rank (host memory for 3x the fp32
 model); a data-parallel size change needs a loader that can remap its cursors
 (``remap_state_dicts``).
+
+Context parallelism: its ranks hold the same weights, so a change of its size (or to or from none)
+changes only the data layout. Under ZeRO 1-2 the partitions run over data x context (DeepSpeed's
+data-parallel group through ``DeepSpeedMPU``), whose rank order is the global one, as the stable
+sort by ``data_rank`` of the rank records (in global order) leaves them.
 """
 from __future__ import annotations
 
@@ -294,5 +299,5 @@ def loader_state(loader: Any, saved: Any) -> Any:
         raise layout.CheckpointError(
             f"the checkpoint was saved with {len(saved)} data-parallel ranks; {type(loader).__name__} cannot "
             "remap its cursors to another data-parallel size. Resume with the same data-parallel size "
-            "(world size / (tensor_parallel x pipeline_parallel)).")
+            "(world size / (tensor_parallel x context_parallel x pipeline_parallel)).")
     return remap(saved)
