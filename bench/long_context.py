@@ -96,9 +96,10 @@ def run_training(setup: Setup, shards: Path, out: Path) -> dict[str, Path]:
 
     ckpts = {}
     start = time.perf_counter()
+    # a run dir that already holds the finished run resumes with nothing to do: re-evaluating is cheap
     base = train(job_config_from_dict(job(setup, shards, out / "base", setup.steps)))
     ckpts["none"] = base.checkpoint
-    print(f"[long-context] base: {setup.steps} steps, loss {base.losses[setup.steps - 1]:.3f} "
+    print(f"[long-context] base: {setup.steps} steps, loss {base.losses.get(setup.steps - 1, float('nan')):.3f} "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
     lr_cont = {"init_from": str(base.checkpoint)}
     for name, extra in (("continued", {}), ("state passing", {"state_passing": "carry"})):
@@ -108,7 +109,8 @@ def run_training(setup: Setup, shards: Path, out: Path) -> dict[str, Path]:
         result = train(job_config_from_dict(cfg))
         ckpts[name] = result.checkpoint
         print(f"[long-context] {name}: {setup.continue_steps} more steps, loss "
-              f"{result.losses[setup.continue_steps - 1]:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+              f"{result.losses.get(setup.continue_steps - 1, float('nan')):.3f} ({time.perf_counter() - start:.0f} s)",
+              flush=True)
     return ckpts
 
 
@@ -150,14 +152,16 @@ def long_streams(shards: Path, n: int, length: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def loss_by_position(model: HybridLM, streams: torch.Tensor, seg: int) -> list[float]:
+def loss_by_position(model: HybridLM, streams: torch.Tensor, seg: int, reset: bool = False) -> list[float]:
     """Mean next-token loss in buckets of ``seg`` positions over (n, T+1) streams, run in segments of
-    ``seg`` with states carried (one pass, by the layer contract)."""
+    ``seg`` with states carried (one pass, by the layer contract), or with ``reset`` from zero states
+    in every segment (the same tokens with at most ``seg`` tokens of context: the control that tells
+    a loss rising with position because of the long context from one rising because of the text)."""
     inputs, targets = streams[:, :-1], streams[:, 1:]
     states, out = None, []
     for start in range(0, inputs.shape[1], seg):
         result = model(inputs[:, start:start + seg], states=states, return_states=True)
-        states = result.states
+        states = None if reset else result.states
         out.append(float(F.cross_entropy(result.logits.float().flatten(0, 1), targets[:, start:start + seg].flatten())))
     return out
 
@@ -214,9 +218,12 @@ def main() -> None:
     parser.add_argument("--d-state", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--continue-steps", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--streams", type=int, default=None)
+    parser.add_argument("--passkey-keys", type=int, default=None)
     args = parser.parse_args()
     setup = quick_setup() if args.quick else Setup()
-    for key in ("seq_len", "d_state", "steps", "continue_steps"):
+    for key in ("seq_len", "d_state", "steps", "continue_steps", "batch", "streams", "passkey_keys"):
         if getattr(args, key) is not None:
             setattr(setup, key, getattr(args, key))
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -257,12 +264,16 @@ def run(setup: Setup, out: Path, shards: Optional[Path]) -> dict:
     variants["continued, no state passing"] = (ckpts["continued"], {})
     variants["state passing (carry)"] = (ckpts["state passing"], {})
 
+    variants["control: states reset every L"] = (ckpts["none"], {"reset": True})
+
     results = {}
     for name, (ckpt, knobs) in variants.items():
         model = load(ckpt)
-        set_knobs(model, **knobs)
-        losses = loss_by_position(model, evals, L)
-        acc = passkey_accuracy(model, tok, lengths, setup.passkey_keys)
+        reset = bool(knobs.get("reset"))
+        set_knobs(model, **{k: v for k, v in knobs.items() if k != "reset"})
+        losses = loss_by_position(model, evals, L, reset=reset)
+        # the control's passkey would need a reset decoder; it is the no-mitigation model's
+        acc = ({m: float("nan") for m in lengths} if reset else passkey_accuracy(model, tok, lengths, setup.passkey_keys))
         results[name] = {"knobs": knobs, "loss_by_position": losses, "passkey": acc,
                          "mean_past_L": sum(losses[1:]) / (len(losses) - 1)}
         print(f"[long-context] {name}: loss@L {losses[0]:.3f}, @{setup.factor}L {losses[-1]:.3f}", flush=True)
@@ -285,24 +296,31 @@ def run(setup: Setup, out: Path, shards: Optional[Path]) -> dict:
 
 
 def plot(results: dict, seq_len: int, path: Path) -> None:
+    """Loss by position per variant, and (right) each minus the reset-every-L control on the same
+    tokens: the text makes the raw curves jagged, the difference is what the long context adds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    control = results.get("control: states reset every L", {}).get("loss_by_position")
+    fig, axes = plt.subplots(1, 2 if control else 1, figsize=(14 if control else 8, 4.5), squeeze=False)
     for name, r in results.items():
         losses = r["loss_by_position"]
-        ax.plot([(i + 1) * seq_len for i in range(len(losses))], losses, "o-", markersize=3, label=name,
-                linewidth=2.5 if name in ("no mitigation", "state passing (carry)") else 1)
-    ax.axvline(seq_len, color="gray", linestyle="--", linewidth=1)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("position (tokens; dashed: training length)")
-    ax.set_ylabel("loss (nats/byte), bucket of L tokens")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        pos = [(i + 1) * seq_len for i in range(len(losses))]
+        style = dict(markersize=3, label=name, linewidth=2.5 if name in ("no mitigation", "state passing (carry)") else 1)
+        axes[0][0].plot(pos, losses, "o-", **style)
+        if control and not name.startswith("control"):
+            axes[0][1].plot(pos, [a - b for a, b in zip(losses, control)], "o-", **style)
+    for ax, label in zip(axes[0], ["loss (nats/byte), bucket of L tokens", "loss minus the reset-every-L control"]):
+        ax.axvline(seq_len, color="gray", linestyle="--", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("position (tokens; dashed: training length)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
