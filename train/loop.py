@@ -88,8 +88,8 @@ def build_engine(model: nn.Module, cfg: JobConfig, info: D.DistInfo) -> Engine:
         from hybrid_lm.train.tensor_parallel import apply_tensor_parallel
 
         try:
-            groups = init_process_groups(par.tensor_parallel, pipeline_parallel=par.pipeline_parallel,
-                                         timeout_s=par.timeout_s)
+            groups = init_process_groups(par.tensor_parallel, context_parallel=par.context_parallel,
+                                         pipeline_parallel=par.pipeline_parallel, timeout_s=par.timeout_s)
         except ValueError as exc:  # a world size the degree does not divide: the launch, not the code
             raise ConfigError(str(exc)) from exc
         # every rank built the same seeded full model: cutting it gives the 1-process start exactly;
@@ -104,7 +104,7 @@ def build_engine(model: nn.Module, cfg: JobConfig, info: D.DistInfo) -> Engine:
 
             apply_sequence_parallel(model, groups)
         mpu, data_parallel = DeepSpeedMPU(groups), groups.dp_size
-        if info.is_main and par.pipeline_parallel == 1:
+        if info.is_main and par.pipeline_parallel == 1 and par.context_parallel == 1:
             print(f"[tensor-parallel] {groups.tp_size} tensor parallel x {groups.dp_size} data parallel", flush=True)
     # after tensor parallelism (torchtitan's order), before an engine keeps its share of the blocks
     apply_activation_checkpointing(model, par.activation_checkpointing, par.activation_checkpointing_layers)
@@ -115,7 +115,7 @@ def build_engine(model: nn.Module, cfg: JobConfig, info: D.DistInfo) -> Engine:
                               seq_len=cfg.data.seq_len, grad_clip=cfg.train.grad_clip, device=info.device,
                               groups=groups)
     loss = None
-    if par.context_parallel > 1:
+    if par.context_parallel > 1:  # after tensor parallelism: the CP forwards see this rank's heads
         groups, mpu, data_parallel, loss = _context_parallel(model, cfg, info)
     elif groups is not None:  # the training loss from the vocabulary-sharded logits, never the gathered ones
         from hybrid_lm.train.tensor_parallel import VocabParallelLoss
@@ -134,18 +134,23 @@ def _context_parallel(model: nn.Module, cfg: JobConfig, info: D.DistInfo) -> tup
     (``train/context_parallel/apply.py``). Returns (groups, mpu, gradient-group size, loss)."""
     from hybrid_lm.train.context_parallel.apply import ContextParallelLoss, apply_context_parallel, context_parallel_of
     from hybrid_lm.train.process_groups import DeepSpeedMPU, init_process_groups
+    from hybrid_lm.train.tensor_parallel import VocabParallelLoss
 
     par = cfg.parallel
-    try:
-        groups = init_process_groups(context_parallel=par.context_parallel, timeout_s=par.timeout_s)
+    try:  # megatron's order tp-cp-ep-dp-pp (the groups exist already when tensor parallelism made them)
+        groups = init_process_groups(par.tensor_parallel, context_parallel=par.context_parallel,
+                                     timeout_s=par.timeout_s)
     except ValueError as exc:  # a world size the degree does not divide: the launch, not the code
         raise ConfigError(str(exc)) from exc
     cp = context_parallel_of(groups, cfg.data.seq_len, par.context_parallel_layout)
     runtime = apply_context_parallel(model, cp, attention=par.context_parallel_attention)
+    tp = f"{groups.tp_size} tensor parallel x " if groups.tp_size > 1 else ""
     if info.is_main:
-        print(f"[context-parallel] {groups.cp_size} context parallel ({par.context_parallel_layout}, attention "
+        print(f"[context-parallel] {tp}{groups.cp_size} context parallel ({par.context_parallel_layout}, attention "
               f"{par.context_parallel_attention}) x {groups.dp_size} data parallel", flush=True)
-    return groups, DeepSpeedMPU(groups), groups.dp_size * groups.cp_size, ContextParallelLoss(runtime)
+    # under TP the slice's loss comes from the vocabulary-sharded logits, never the gathered ones
+    vocab = VocabParallelLoss(model) if groups.tp_size > 1 else None
+    return groups, DeepSpeedMPU(groups), groups.dp_size * groups.cp_size, ContextParallelLoss(runtime, vocab)
 
 
 def _periodic_eval_due(cfg: EvalConfig, step: int) -> bool:

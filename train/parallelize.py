@@ -105,11 +105,13 @@ class ParallelConfig:
             raise ConfigError(f"parallel.context_parallel: must be >= 1, got {cp}")
         if cp == 1:
             return
-        # only what the tests train at CP > 1: ZeRO 0-2 over the data x context group, no TP/PP/offload
-        for key in ("tensor_parallel", "pipeline_parallel"):
-            if getattr(self, key) > 1:
-                raise ConfigError(f"parallel.context_parallel: {cp} cannot be combined with parallel.{key}="
-                                  f"{getattr(self, key)} yet")
+        # only what the tests train at CP > 1: ZeRO 0-2 over the data x context group, TP for attention
+        # and MLP patterns (context_parallel/apply.py:check_context_parallel), no PP/SP/offload
+        if self.pipeline_parallel > 1:
+            raise ConfigError(f"parallel.context_parallel: {cp} cannot be combined with parallel.pipeline_parallel="
+                              f"{self.pipeline_parallel} yet")
+        if self.sequence_parallel:  # SP would split the CP slice again over the TP ranks: untested
+            raise ConfigError(f"parallel.sequence_parallel: not supported with parallel.context_parallel={cp} yet")
         if self.zero_stage == 3:
             raise ConfigError(f"parallel.zero_stage: 3 cannot be combined with parallel.context_parallel={cp} "
                               "(use zero_stage 0, 1 or 2)")

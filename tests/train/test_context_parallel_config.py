@@ -28,7 +28,15 @@ REFUSED = [
      "parallel.context_parallel_attention: ulysses needs model.attention.n_heads=4 divisible by "
      "parallel.context_parallel=3 (or use allgather)"),
     (["parallel.context_parallel=2", "parallel.tensor_parallel=2", "model.mamba2.ngroups=2"],
-     "parallel.context_parallel: 2 cannot be combined with parallel.tensor_parallel=2 yet"),
+     "parallel.context_parallel: 2 with parallel.tensor_parallel=2 supports attention (A) and MLP (-) layers "
+     "only, not 'M' (Mamba2) yet"),
+    (["parallel.context_parallel=2", "parallel.tensor_parallel=2", "model.layer_pattern=A-",
+      "parallel.sequence_parallel=true"],
+     "parallel.sequence_parallel: not supported with parallel.context_parallel=2 yet"),
+    (["parallel.context_parallel=4", "parallel.tensor_parallel=2", "model.layer_pattern=A-",
+      "parallel.context_parallel_attention=ulysses"],  # 4 heads, but 2 per TP rank
+     "parallel.context_parallel_attention: ulysses needs model.attention.n_heads=4 / parallel.tensor_parallel=2 "
+     "divisible by parallel.context_parallel=4 (or use allgather)"),
     (["parallel.context_parallel=2", "parallel.pipeline_parallel=2"],
      "parallel.context_parallel: 2 cannot be combined with parallel.pipeline_parallel=2 yet"),
     (["parallel.context_parallel=2", "parallel.zero_stage=3"],

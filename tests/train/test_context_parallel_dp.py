@@ -15,6 +15,10 @@ ranks (one spawn shared by every case):
   carries the weights and AdamW moments, the loader's cursors are remapped from 2 data ranks to 1)
   gives the straight run's step-3 loss (rel 1e-5: another reduction order).
 
+- TP=2 x CP=2 (``A-``; megatron's order tp-cp-dp: the CP forward sees the TP plan's heads, the
+  slice's loss comes from the vocabulary-sharded logits) follows TP=2 x DP=2 with one row each,
+  with the all-gather (contiguous, ZeRO-0) and Ulysses (zig-zag, ZeRO-1: 2 heads per TP rank).
+
 Rows hold three documents as in test_context_parallel_training.py; fp32, tiny widths.
 """
 import json
@@ -28,11 +32,12 @@ from test_context_parallel_training import _metric, _with_documents
 pytestmark = pytest.mark.distributed
 
 
-def _job(run_dir, cp, pattern, *, zero=0, gas=1, micro=2, **train):
+def _job(run_dir, cp, pattern, *, zero=0, gas=1, micro=2, tp=1, layout="contiguous", scheme="allgather", **train):
     import synthetic
 
-    job = synthetic.job_dict(run_dir, steps=3, zero_stage=zero, gas=gas, parallel={"context_parallel": cp},
-                             train=train)
+    job = synthetic.job_dict(run_dir, steps=3, zero_stage=zero, gas=gas, train=train,
+                             parallel={"context_parallel": cp, "tensor_parallel": tp,
+                                       "context_parallel_layout": layout, "context_parallel_attention": scheme})
     job["data"]["micro_batch_size"] = micro
     job["model"] = {"vocab_size": 64, "d_model": 32, "layer_pattern": pattern, "attention": {"n_heads": 4, "n_kv_heads": 2},
                     "mlp": {"hidden_size": 48}, "mamba2": {"d_state": 8, "headdim": 16, "chunk_size": 8}}
@@ -81,6 +86,12 @@ def _worker(rank, world_size, root):
     out["resumed"] = run("resume-A-", 2, "A-", zero=1)
     destroy_process_groups()  # megatron's groups are per degrees
     out["cp4"] = run("cp4-A-", 4, "A-", zero=1, gas=2, resume=step2)
+    destroy_process_groups()
+    # TP=2 x CP=2 (DP 1, 2 rows) against TP=2 x DP=2 with one row each: the same samples 2n, 2n+1
+    out["tp"] = run("tp-A-", 1, "A-", tp=2, micro=1)
+    destroy_process_groups()
+    out["tpcp"] = run("tpcp-A-", 2, "A-", tp=2)
+    out["tpcp-ulysses"] = run("tpcp-ulysses-A-", 2, "A-", tp=2, zero=1, layout="zigzag", scheme="ulysses")
     return out
 
 
@@ -117,3 +128,17 @@ def test_data_x_context_parallel_and_resume(tmp_path):
     for name, value in straight["weights"].items():
         torch.testing.assert_close(torch.from_numpy(cp4["weights"][name]), torch.from_numpy(value),
                                    rtol=1e-4, atol=1e-5, msg=lambda m: f"cp4 {name}: {m}")
+
+    ref = first["tp"]
+    assert sorted(ref["losses"]) == [0, 1, 2]
+    for case in ("tpcp", "tpcp-ulysses"):  # allgather contiguous ZeRO-0, Ulysses zig-zag ZeRO-1
+        got = first[case]
+        assert got["layout"] == {"context_parallel": 2, "tensor_parallel": 2}, case
+        assert all(o[case]["losses"] == got["losses"] for o in outs), case
+        for step, loss in ref["losses"].items():
+            assert got["losses"][step] == pytest.approx(loss, rel=1e-5), (case, step)
+        assert got["norms"] == pytest.approx(ref["norms"], rel=1e-5), case
+        assert got["tokens"] == ref["tokens"] == [64, 128, 192], case
+        for name, value in ref["weights"].items():
+            torch.testing.assert_close(torch.from_numpy(got["weights"][name]), torch.from_numpy(value),
+                                       rtol=1e-4, atol=1e-5, msg=lambda m: f"{case} {name}: {m}")

@@ -22,7 +22,7 @@ group through ``DeepSpeedMPU``) divides that N back out, so the update is the on
 from __future__ import annotations
 
 import importlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -35,6 +35,7 @@ from hybrid_lm.models.common.registry import get_layer_spec
 from hybrid_lm.train.context_parallel import ContextParallel, cp_forward_for
 from hybrid_lm.train.context_parallel.attention import attention_forward, local_positions
 from hybrid_lm.train.context_parallel.collectives import all_reduce
+from hybrid_lm.train.tensor_parallel import IGNORE_INDEX, _vocab_parallel_cross_entropy
 from hybrid_lm.typed_config import ConfigError
 
 #: the batch keys cut along the sequence (the data contract, data/README.md)
@@ -64,13 +65,20 @@ def check_context_parallel(model_cfg: Any, seq_len: int, par: Any) -> None:
         raise ConfigError(f"data.seq_len: {seq_len} is not divisible by the {slices} slices of parallel.context_parallel"
                           f"={n} with context_parallel_layout={par.context_parallel_layout}")
     load_family_forwards()
+    tp = getattr(par, "tensor_parallel", 1)
     with torch.device("meta"):
         for i, letter in enumerate(model_cfg.block_pattern):
             layer = get_layer_spec(letter).build(model_cfg, i)
             if isinstance(layer, Attention):
-                if par.context_parallel_attention == "ulysses" and layer.n_heads % n:
+                # under TP the CP forward sees this rank's heads (the attention TP plan's local count)
+                if par.context_parallel_attention == "ulysses" and (layer.n_heads // tp) % n:
+                    heads = f"{layer.n_heads}" if tp == 1 else f"{layer.n_heads} / parallel.tensor_parallel={tp}"
                     raise ConfigError(f"parallel.context_parallel_attention: ulysses needs model.attention.n_heads="
-                                      f"{layer.n_heads} divisible by parallel.context_parallel={n} (or use allgather)")
+                                      f"{heads} divisible by parallel.context_parallel={n} (or use allgather)")
+            elif tp > 1 and getattr(layer, "stateful", False):
+                # the recurrent CP forwards are tested on whole layers only, not on TP-sharded heads
+                raise ConfigError(f"parallel.context_parallel: {n} with parallel.tensor_parallel={tp} supports "
+                                  f"attention (A) and MLP (-) layers only, not '{letter}' ({type(layer).__name__}) yet")
             elif getattr(layer, "stateful", False) and cp_forward_for(layer) is None:
                 raise ConfigError(f"parallel.context_parallel: layer '{letter}' ({type(layer).__name__}) has no "
                                   f"context-parallel forward; use a pattern without it or context_parallel=1")
@@ -153,20 +161,34 @@ class ContextParallelLoss:
     ``loss(model, input_ids, labels=..., **kwargs)``: ``model`` is the CP-applied model or its
     DeepSpeed engine; the batch tensors are the global (B, T) ones."""
 
-    def __init__(self, runtime: ContextParallelRuntime) -> None:
+    def __init__(self, runtime: ContextParallelRuntime, vocab: Optional[Any] = None) -> None:
         self.runtime = runtime
+        #: ``tensor_parallel.VocabParallelLoss`` under TP: the slice's loss from vocabulary-sharded logits
+        self.vocab = vocab
 
     def __call__(self, model: Callable[..., Any], input_ids: torch.Tensor, *, labels: torch.Tensor,
                  **kwargs: Any) -> torch.Tensor:
         cp = self.runtime.cp
         local = slice_batch({"input_ids": input_ids, "labels": labels, **kwargs}, cp)
         ids, labels = local.pop("input_ids"), local.pop("labels")
-        with self.runtime.sharded():
+        with self.runtime.sharded(), (self.vocab.local_logits() if self.vocab is not None else nullcontext()):
             logits = model(ids, **local).logits
-        token_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        if self.vocab is None:
+            token_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        else:
+            token_sum = _vocab_parallel_token_sum(logits, labels)
         count = (labels != -100).sum().to(token_sum.dtype)
         dist.all_reduce(count, group=cp.group)
         return all_reduce(token_sum, cp.group) / count
+
+
+def _vocab_parallel_token_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The sum of the token losses over ``labels != -100`` from vocabulary-sharded logits (what
+    ``tensor_parallel.vocab_parallel_loss`` averages; a sum stays finite on a slice whose labels are
+    all ignored, where a mean would be 0/0)."""
+    keep = labels != IGNORE_INDEX
+    per_token = _vocab_parallel_cross_entropy()(logits.float(), labels.masked_fill(~keep, 0))
+    return (per_token * keep).sum()
 
 
 def context_parallel_of(groups: Any, seq_len: int, layout: str) -> ContextParallel:
