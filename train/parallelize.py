@@ -72,7 +72,7 @@ class ParallelConfig:
     work on every rank); data.seq_len must divide by the number of slices"""
     context_parallel_attention: Literal["allgather", "ulysses"] = "allgather"
     """allgather: local queries, all-gathered K/V (any head count); ulysses: all-to-all sequence <-> heads
-    (needs model.attention.n_heads divisible by context_parallel)"""
+    (needs model.attention.n_heads / tensor_parallel divisible by context_parallel)"""
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
