@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from hybrid_lm.export.mamba2 import long_context_knobs
 from hybrid_lm.export.native import NativeAdapter
 from hybrid_lm.models.config import ModelConfig
 from hybrid_lm.models.model_dir import SpecialIds
@@ -60,7 +61,7 @@ class BambaAdapter(NativeAdapter):
             return f"Bamba attention has no sliding window (attention.window={config.attention.window})"
         if "M" in p and config.mamba2.norm_before_gate:
             return "Bamba gates before its Mamba norm (mamba2.norm_before_gate must be false)"
-        return None
+        return long_context_knobs(config)
 
     def hf_config(self, config: ModelConfig, special_ids: SpecialIds):
         from transformers import BambaConfig

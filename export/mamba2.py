@@ -19,6 +19,18 @@ from hybrid_lm.models.mamba2 import hf_mapping
 from hybrid_lm.models.model_dir import ExportError, SpecialIds
 
 
+def long_context_knobs(config: ModelConfig) -> Optional[str]:
+    """Why a native class cannot hold this config's state-collapse knobs (None: all neutral). HF's
+    Mamba-2 layers have no such settings, so a model that uses them exports as remote code, which
+    runs our layer with its config."""
+    m = config.mamba2
+    if "M" not in config.block_pattern:
+        return None
+    used = [f"mamba2.{k}={getattr(m, k)}" for k in ("dt_mult", "a_mult", "decay_mult", "b_mult") if getattr(m, k) != 1.0]
+    used += [f"mamba2.{k}={getattr(m, k)}" for k in ("state_norm_max", "state_window") if getattr(m, k) is not None]
+    return f"transformers' Mamba-2 layers have no state-collapse knobs ({', '.join(used)})" if used else None
+
+
 class Mamba2Adapter(NativeAdapter):
     name = "mamba2"
     hf_class = "Mamba2ForCausalLM"
@@ -28,7 +40,7 @@ class Mamba2Adapter(NativeAdapter):
             return f"Mamba2 holds only Mamba-2 blocks, got pattern {config.layer_pattern!r}"
         if config.mamba2.norm_before_gate:
             return "HF Mamba2 gates before its norm (mamba2.norm_before_gate must be false)"
-        return None
+        return long_context_knobs(config)
 
     def hf_config(self, config: ModelConfig, special_ids: SpecialIds):
         from transformers import Mamba2Config as HFMamba2Config

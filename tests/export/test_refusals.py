@@ -118,3 +118,20 @@ def test_model_dir_with_a_broken_json_file_is_refused_in_one_line(tmp_path, caps
     assert cli_main(["export", str(src), str(tmp_path / "out")]) == 1
     assert "model_config.json: expected a JSON object, got a list" in _one_line_error(capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+def test_state_collapse_knobs_export_as_remote_code():
+    """HF's Mamba-2 layers have no decay multiplier or state bound: a model that sets one exports as
+    remote code (our layer with its config), never as a native class that would silently drop it."""
+    from dataclasses import replace
+
+    for name in ("mamba2", "bamba"):
+        cfg = tiny_config(name)
+        assert select(cfg).name == name
+        knobbed = replace(cfg, mamba2=replace(cfg.mamba2, decay_mult=0.9))
+        assert select(knobbed).name == "remote"
+        try:
+            select(knobbed, "native")
+            raise AssertionError("native export accepted a knob it cannot hold")
+        except ExportError as exc:
+            assert "mamba2.decay_mult=0.9" in str(exc)
