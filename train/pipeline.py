@@ -108,6 +108,10 @@ def describe(pattern: str, bounds: Bounds) -> str:
 class EmbedLayer(nn.Module):
     """First layer: token ids to activations; ids and positions pass through."""
 
+    #: as ``VocabParallelHead.gather_output``: off, the tied head on the last stage returns this
+    #: rank's (B, T, V/N) logits (the pipeline engine's training step, for ``vocab_parallel_loss``)
+    gather_output: bool = True
+
     def __init__(self, embed: nn.Embedding) -> None:
         super().__init__()
         self.embed = embed
@@ -155,13 +159,14 @@ class HeadLayer(nn.Module):
 def tied_head(embedding: EmbedLayer, x: torch.Tensor) -> torch.Tensor:
     """The LM head tied to the embedding (the same op as ``HybridLM``'s ``lm_head`` sharing the weight).
     A vocab-parallel embedding (tensor parallelism) holds this rank's vocabulary rows: the head is
-    then the vocab-parallel head over them, logits gathered to the full vocabulary."""
+    then the vocab-parallel head over them, logits gathered to the full vocabulary unless
+    ``embedding.gather_output`` is off (then this rank's shard of them)."""
     group = getattr(embedding.embed, "tp_group", None)
     if group is None:
         return F.linear(x, embedding.embed.weight)
     from hybrid_lm.train.tensor_parallel import vocab_parallel_logits
 
-    return vocab_parallel_logits(x, embedding.embed.weight, group)
+    return vocab_parallel_logits(x, embedding.embed.weight, group, gather=embedding.gather_output)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

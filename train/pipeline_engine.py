@@ -50,8 +50,8 @@ from hybrid_lm.models.hybrid import HybridLM, ModelOutput
 from hybrid_lm.train.engine import Batch, StepStats
 from hybrid_lm.train.optim import OptimConfig, build_optimizer
 from hybrid_lm.train.parallelize import ParallelConfig, parallelize
-from hybrid_lm.train.pipeline import (Bounds, describe, lm_loss, pipeline_layers, spec_bounds, stage_bounds,
-                                      state_dict_names)
+from hybrid_lm.train.pipeline import (Bounds, EmbedLayer, describe, lm_loss, pipeline_layers, spec_bounds,
+                                      stage_bounds, state_dict_names)
 from hybrid_lm.train.zero_engine import DeepSpeedFiles
 from hybrid_lm.typed_config import ConfigError
 
@@ -93,7 +93,7 @@ class PipelineEngine(DeepSpeedFiles):
             self.checkpoint_layout["tensor_parallel"] = tp
         self._tp_group = groups.tp_group if tp > 1 else None
         self._reports_tp = tp == 1 or groups.tp_rank == 0
-        self._loss = _Loss()
+        self._loss = _Loss(vocab_parallel=tp > 1)
         # no_grad: DeepSpeed broadcasts the tied weight in place into the parameter, which under
         # autograd leaves an unsupported c10d node on its graph (torch warns at every backward).
         # redirect_stdout: DeepSpeed prints its seed settings on rank 0; the split is reported below.
@@ -109,6 +109,7 @@ class PipelineEngine(DeepSpeedFiles):
                                device=device)
         grid = pipe.mpu()
         self._pipe, self._grid = pipe, grid
+        self._heads = _vocab_parallel_heads(pipe) if tp > 1 else []
         self.data_rank, self.data_size = grid.get_data_parallel_rank(), grid.get_data_parallel_world_size()
         self.module = PipelinedLM(pipe, model.config, grid)
         if dist.get_rank() == 0:
@@ -141,9 +142,10 @@ class PipelineEngine(DeepSpeedFiles):
         # what PipelineEngine.train_batch sets up before running its schedule
         ds.module.train()
         ds.total_loss, ds.total_additional_losses, ds._compute_loss = None, None, True
-        ds._exec_schedule(_WithoutStep(ds._train_schedule()))
+        with _local_logits(self._heads):  # the last stage's loss reads its vocabulary shard (_Loss)
+            ds._exec_schedule(_WithoutStep(ds._train_schedule()))
         stats = StepStats()
-        if ds.is_last_stage() and self._reports_tp:  # the TP ranks of a stage hold the same gathered loss
+        if ds.is_last_stage() and self._reports_tp:  # the TP ranks of a stage hold the same loss
             for loss, batch in zip(ds.fwd_outputs, batches):
                 stats.add(float(loss), batch["input_ids"].numel())
         return stats
@@ -192,13 +194,46 @@ def _ids_and_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _Loss:
-    """The last stage's loss function; ``nan`` poisons it for ``train.debug_nan_steps``."""
+    """The last stage's loss function; ``nan`` poisons it for ``train.debug_nan_steps``. With
+    tensor parallelism the logits are this rank's vocabulary shard (``_local_logits``) and the loss
+    is megatron-core's vocab-parallel cross-entropy, as ``VocabParallelLoss`` does for the ZeRO
+    engine: no rank of the last stage holds a training step's full (B, T, V) logits."""
 
     nan = False
 
+    def __init__(self, *, vocab_parallel: bool = False) -> None:
+        self.vocab_parallel = vocab_parallel
+
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = lm_loss(logits, labels)
+        if self.vocab_parallel:
+            from hybrid_lm.train import tensor_parallel
+
+            loss = tensor_parallel.vocab_parallel_loss(logits, labels)
+        else:
+            loss = lm_loss(logits, labels)
         return loss * float("nan") if self.nan else loss
+
+
+def _vocab_parallel_heads(pipe: nn.Module) -> list[nn.Module]:
+    """The modules whose ``gather_output`` switches this stage's LM head to local logits: the tied
+    head's embedding (on the first stage it only embeds, which the flag does not touch) or an
+    untied ``VocabParallelHead``."""
+    from hybrid_lm.train.tensor_parallel import VocabParallelHead
+
+    return [m for m in pipe.modules() if isinstance(m, (EmbedLayer, VocabParallelHead))]
+
+
+@contextlib.contextmanager
+def _local_logits(heads: Sequence[nn.Module]) -> Iterator[None]:
+    """Inside: ``heads`` return this rank's (B, T, V/N) logits; after: gathered again (evaluation,
+    ``PipelinedLM``)."""
+    for head in heads:
+        head.gather_output = False
+    try:
+        yield
+    finally:
+        for head in heads:
+            del head.gather_output  # back to the class default: gathered
 
 
 class _WithoutStep:

@@ -128,11 +128,13 @@ class VocabParallelHead(nn.Linear):
 
 
 def vocab_parallel_logits(x: torch.Tensor, weight: torch.Tensor, group: Any,
-                          bias: torch.Tensor | None = None) -> torch.Tensor:
-    """(..., D) activations times this rank's (V/N, D) vocabulary rows, gathered to (..., V) logits
-    (also the pipeline's tied head on its last stage, which holds the embedding shard)."""
+                          bias: torch.Tensor | None = None, *, gather: bool = True) -> torch.Tensor:
+    """(..., D) activations times this rank's (V/N, D) vocabulary rows, gathered to (..., V) logits,
+    or this rank's (..., V/N) with ``gather=False`` (for ``vocab_parallel_loss``); also the
+    pipeline's tied head on its last stage, which holds the embedding shard."""
     x = _mappings().copy_to_tensor_model_parallel_region(x, group=group)
-    return _GatherLastDim.apply(F.linear(x, weight, bias), group)
+    local = F.linear(x, weight, bias)
+    return _GatherLastDim.apply(local, group) if gather else local
 
 
 @functools.cache

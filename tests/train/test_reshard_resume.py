@@ -12,7 +12,9 @@ trains three steps like one process (and one more at ZeRO-1); TP1 -> TP2 and bac
 back, DP1 -> DP2 and back, TP2 x PP2 <-> TP1 x PP1 and ZeRO 0 -> 2 -> 1 -> 1 -> 0 are each crossed,
 with weights, AdamW moments and step counts, trainer counters and the loader cursors (remapped by
 SyntheticLoader when the data-parallel size changes) carried over; and the export of the TP x PP checkpoint is the
-one-process model at the same step. Every layout sees the same 4 sequences per step; 9 steps
+one-process model at the same step. The first TP x PP segment, and 3 more steps with an untied head,
+compute the last stage's loss from the vocabulary-sharded logits: the logit all-gather is never
+called in a training step (tensor_parallel._GatherLastDim counted). Every layout sees the same 4 sequences per step; 9 steps
 schedule the LR of every segment alike. A segment's losses after its first step check the moments
 it loaded (zeroing them on the ZeRO read or write side fails this test).
 
@@ -23,6 +25,7 @@ summed between stages, another order of the same fp32 additions (~1e-7 relative 
 Adam's m / sqrt(v) can amplify for near-zero gradient entries, not to 1e-5 in a few steps. The
 weights and moments themselves are moved exactly.
 """
+import contextlib
 import json
 from pathlib import Path
 
@@ -42,7 +45,7 @@ LAYOUTS = {  # name: (parallel section, gradient accumulation, ZeRO stage): 4 se
 }
 
 
-def _run(root, name, layout, every=0, **train_extra):
+def _run(root, name, layout, every=0, model=None, **train_extra):
     from hybrid_lm.train.config import job_config_from_dict
     from hybrid_lm.train.loop import train
 
@@ -50,18 +53,58 @@ def _run(root, name, layout, every=0, **train_extra):
     # checkpoints only where a segment stops (and every 4 steps for the straight run: the export check)
     job = synthetic.job_dict(Path(root) / name, steps=9, gas=gas, zero_stage=zero, parallel=dict(parallel), train=train_extra,
                              checkpoint={"every": every, "keep": 3}, eval={"hooks": []})
-    job["model"] = dict(MODEL, layer_pattern="A-|A-" if "pp" in layout else "A-A-")
+    job["model"] = dict(MODEL, layer_pattern="A-|A-" if "pp" in layout else "A-A-", **(model or {}))
     result = train(job_config_from_dict(job), make_loader=synthetic.factory())
     rows = [json.loads(line) for line in (Path(root) / name / "metrics.jsonl").read_text().splitlines()]
     return {"losses": result.losses, "tokens": result.state.tokens, "ckpt": str(result.checkpoint),
             "norms": {r["step"] - 1: r["train/grad_norm"] for r in rows if "train/grad_norm" in r}}
 
 
+@contextlib.contextmanager
+def _counting_logit_gathers():
+    """Records the shapes of the TP logit all-gathers inside and outside the engine's training
+    step, and of the logits the vocab-parallel loss gets."""
+    from hybrid_lm.train import pipeline_engine
+    from hybrid_lm.train import tensor_parallel as tpm
+
+    counts = {"in_step": [], "outside": [], "loss_logits": []}
+    real_gather, real_loss = tpm._GatherLastDim, tpm.vocab_parallel_loss
+    real_step = pipeline_engine.PipelineEngine.forward_backward
+    in_step = [False]
+
+    class CountingGather:
+        @staticmethod
+        def apply(x, group):
+            counts["in_step" if in_step[0] else "outside"].append(tuple(x.shape))
+            return real_gather.apply(x, group)
+
+    def spy_loss(logits, labels):
+        counts["loss_logits"].append(tuple(logits.shape))
+        return real_loss(logits, labels)
+
+    def step(self, *args, **kwargs):
+        in_step[0] = True
+        try:
+            return real_step(self, *args, **kwargs)
+        finally:
+            in_step[0] = False
+
+    tpm._GatherLastDim, tpm.vocab_parallel_loss = CountingGather, spy_loss
+    pipeline_engine.PipelineEngine.forward_backward = step
+    try:
+        yield counts
+    finally:
+        tpm._GatherLastDim, tpm.vocab_parallel_loss = real_gather, real_loss
+        pipeline_engine.PipelineEngine.forward_backward = real_step
+
+
 def _four_ranks(rank, world_size, root, start):
     from hybrid_lm.train.checkpoint import load_model_state
     from hybrid_lm.train.process_groups import DeepSpeedMPU, current_groups, destroy_process_groups
 
-    out = {"tpxpp": _run(root, "tpxpp", "tp2xpp2", resume=start, stop_at=4)}
+    with _counting_logit_gathers() as counts:
+        out = {"tpxpp": _run(root, "tpxpp", "tp2xpp2", resume=start, stop_at=4)}
+    out["gathers"] = counts
     mpu = DeepSpeedMPU(current_groups())
     out["mpu"] = (mpu.get_tensor_model_parallel_rank(), mpu.get_pipeline_model_parallel_rank(),
                   mpu.get_pipeline_model_parallel_world_size(), mpu.get_model_parallel_rank(),
@@ -74,6 +117,10 @@ def _four_ranks(rank, world_size, root, start):
     out["tpxpp1"] = _run(root, "tpxpp1", "tp2xpp2z1", resume=out["dppp"]["ckpt"], stop_at=7)
     if rank == 0:
         out["weights"] = {k: v.numpy() for k, v in load_model_state(out["tpxpp"]["ckpt"]).state_dict.items()}
+    destroy_process_groups()
+    with _counting_logit_gathers() as counts:  # an untied head: a VocabParallelHead layer on the last stage
+        out["untied"] = _run(root, "untied", "tp2xpp2", model={"tie_embeddings": False}, stop_at=3)
+    out["untied_gathers"] = counts
     return out
 
 
@@ -86,6 +133,7 @@ def test_runs_continue_across_tensor_pipeline_and_data_parallel_layouts(tmp_path
     ref = _run(tmp_path, "straight", "one", every=4)
     start = _run(tmp_path, "start", "one", stop_at=1)
     four = run_distributed(_four_ranks, 4, args=(str(tmp_path), start["ckpt"]), timeout_s=600)
+    untied = _run(tmp_path, "untied1", "one", model={"tie_embeddings": False}, stop_at=3)
     back = {"from_tpxpp": _run(tmp_path, "back1", "one", resume=four[0]["tpxpp"]["ckpt"]),
             "from_tpxpp1": _run(tmp_path, "back2", "one", resume=four[0]["tpxpp1"]["ckpt"])}
     assert sorted(ref["losses"]) == list(range(9)) and ref["losses"][8] < ref["losses"][0]
@@ -100,6 +148,16 @@ def test_runs_continue_across_tensor_pipeline_and_data_parallel_layouts(tmp_path
             assert seg["norms"][step] == pytest.approx(ref["norms"][step], rel=1e-5), (name, step)
     # DeepSpeed's model-parallel group is tensor x pipeline: rank = stage * 2 + TP rank, as its grid says
     assert [r["mpu"] for r in four] == [(r % 2, r // 2, 2, r, 4, 1) for r in range(4)]
+    # TP x PP: the last stage (ranks 2, 3) computes the loss from its (B, T, V/2) logits, 2 micro-batches
+    # a step for 3 steps; the full logits are never gathered in the training step
+    assert [r["gathers"]["in_step"] for r in four] == [[]] * 4
+    assert [r["gathers"]["loss_logits"] for r in four] == [[]] * 2 + [[(2, 32, MODEL["vocab_size"] // 2)] * 6] * 2
+    assert [r["untied_gathers"]["in_step"] for r in four] == [[]] * 4
+    assert [len(r["untied_gathers"]["loss_logits"]) for r in four] == [0, 0, 6, 6]
+    assert sorted(untied["losses"]) == [0, 1, 2] and untied["losses"] != {s: ref["losses"][s] for s in range(3)}
+    for r in four:
+        for step in range(3):
+            assert r["untied"]["losses"][step] == pytest.approx(untied["losses"][step], rel=1e-5, abs=1e-6), step
     for key in ("tpxpp", "dptp", "dppp", "tpxpp1"):  # every rank logs the same global loss
         assert all(r[key]["losses"] == four[0][key]["losses"] for r in four), key
     # tokens: each pipeline's and TP group's losses counted once; the counters carry over
