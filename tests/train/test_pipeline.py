@@ -31,6 +31,10 @@ ROOT = Path(__file__).resolve().parents[2]
 DEBUG = ROOT / "configs" / "debug.yaml"
 TINY = {"vocab_size": 64, "d_model": 32, "attention": {"n_heads": 4}, "mlp": {"hidden_size": 48},
         "mamba2": {"d_state": 8, "headdim": 16, "chunk_size": 8}}
+#: tiny Titans (T, C) and Atlas (X) settings, test_tensor_parallel_layouts.py's
+MEMORY = {"titans": {"n_heads": 2, "chunk_size": 4, "segment_len": 8, "window": 8, "n_persistent": 2,
+                     "memory_expansion": 2},
+          "atlas": {"omega_window": 2, "poly_degree": 2, "poly_form": "monomial", "optimizer": "momentum"}}
 
 
 def _model(pattern, **extra):
@@ -129,13 +133,13 @@ def _job(run_dir, pattern, pp, *, tie=True, zero_stage=0, **sections):
     parallel = {"pipeline_parallel": pp, "pipeline_micro_batches": 2} if pp > 1 else {"gradient_accumulation": 2}
     sections["eval"] = {"every": 0, "hooks": ["val_loss"], "max_batches": 2, **sections.get("eval", {})}
     job = synthetic.job_dict(run_dir, steps=4, zero_stage=zero_stage, parallel=parallel, **sections)
-    job["model"] = {**TINY, "layer_pattern": pattern, "tie_embeddings": tie}
+    job["model"] = {**TINY, **MEMORY, "layer_pattern": pattern, "tie_embeddings": tie}
     return job
 
 
 #: (pattern, tied head, ZeRO stage): the tied head is a TiedLayerSpec on both stages; "M-A-" is split
-#: by FLOPs, the others where "|" says
-CASES = [("M-A-", True, 0), ("A|-", False, 0), ("M-|A-", True, 1)]
+#: by FLOPs, the others where "|" says; the memory families (Titans MAL/MAC, Atlas) on either stage
+CASES = [("M-A-", True, 0), ("A|-", False, 0), ("M-|A-", True, 1), ("T-|A-", True, 0), ("X-|C-", False, 1)]
 
 
 def _train_cases(rank, world_size, root, pp):
