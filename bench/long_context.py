@@ -1,6 +1,6 @@
 """State collapse on the embedded corpus, and what each mitigation does about it (Stuffed Mamba).
 
-    python bench/long_context.py                 # the full run: about 20 minutes on 2 idle cores
+    python bench/long_context.py                 # the full run: about 10 minutes on 2 idle cores (559 s)
     python bench/long_context.py --quick         # CI smoke run (tests/bench/test_long_context_bench.py)
     python bench/long_context.py --d-state 128 --seq-len 64 --out runs/lc   # other sizes
 
@@ -10,7 +10,7 @@ What it does, all through the real trainer (ZeRO-0, the shard loader, byte-level
    L so only the Mamba-2 states can see further) at length L;
 2. continues it for a short while (``--continue-steps``, about 15% of the base run here, 0.1% in
    the paper) with ``train.state_passing: carry`` on row streams, and, as the control that
-   separates "more training" from "state passing", for as long without it;
+   separates "more training" from "state passing", for as long on the same row streams without it;
 3. evaluates every variant on the validation split read as long streams of 16L tokens: loss by
    position (buckets of L), and passkey retrieval at 1L, 2L, 4L, 8L (prompts in tokens of the
    shards' tokenizer, three depths, two keys each). Variants: no mitigation, each inference knob
@@ -72,14 +72,14 @@ def quick_setup() -> Setup:
                  passkey_mults=[1], passkey_keys=1, max_bytes=300_000, val_fraction=0.3, tune=False)
 
 
-def job(setup: Setup, shards: Path, run_dir: Path, steps: int, **train: object) -> dict:
+def job(setup: Setup, shards: Path, run_dir: Path, steps: int, row_streams: bool = False, **train: object) -> dict:
     L = setup.seq_len
     return {
         "model": {"vocab_size": 258, "d_model": setup.d_model, "layer_pattern": setup.pattern,
                   "attention": {"n_heads": 4, "window": L},
                   "mamba2": {"d_state": setup.d_state, "headdim": 16, "chunk_size": 32}},
         "data": {"path": str(shards), "seq_len": L, "micro_batch_size": setup.batch,
-                 "row_streams": train.get("state_passing", "off") == "carry"},
+                 "row_streams": row_streams},
         "optim": {"lr": 3e-3, "betas": [0.9, 0.95], "weight_decay": 0.1},
         "schedule": {"warmup_steps": max(1, steps // 10)},
         "checkpoint": {"every": 0, "keep": 1},
@@ -101,7 +101,9 @@ def run_training(setup: Setup, shards: Path, out: Path) -> dict[str, Path]:
     ckpts["none"] = base.checkpoint
     print(f"[long-context] base: {setup.steps} steps, loss {base.losses.get(setup.steps - 1, float('nan')):.3f} "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
-    lr_cont = {"init_from": str(base.checkpoint)}
+    # both continuations read row streams: the same data in the same order, so the only difference
+    # is the initial state (in plain order they would start over at the base run's first batches)
+    lr_cont = {"init_from": str(base.checkpoint), "row_streams": True}
     for name, extra in (("continued", {}), ("state passing", {"state_passing": "carry"})):
         start = time.perf_counter()
         cfg = job(setup, shards, out / name.replace(" ", "_"), setup.continue_steps, **lr_cont, **extra)
