@@ -138,7 +138,7 @@ def _job(run_dir, pattern, pp, *, tie=True, zero_stage=0, **sections):
 
 
 #: (pattern, tied head, ZeRO stage): the tied head is a TiedLayerSpec on both stages; "M-A-" is split
-#: by FLOPs, the others where "|" says; the memory families (Titans MAL/MAC, Atlas) on either stage
+#: by FLOPs, the others where "|" says; the memory families (Titans memory T, MAC C, Atlas X) on either stage
 CASES = [("M-A-", True, 0), ("A|-", False, 0), ("M-|A-", True, 1), ("T-|A-", True, 0), ("X-|C-", False, 1)]
 
 
