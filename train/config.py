@@ -116,11 +116,11 @@ class JobConfig:
         # heads, groups, MLP width, vocab: each family's requirements
         check_tensor_parallel(self.model, self.parallel.tensor_parallel)
         check_sequence_parallel(self.data.seq_len, self.parallel)  # a TP group and seq_len it divides
-        # slices divide the sequence, Ulysses heads, a CP forward for every stateful letter
-        check_context_parallel(self.model, self.data.seq_len, self.parallel)
+        check_state_passing(self)  # row streams for carry, a carried layer, no model parallelism
         check_activation_checkpointing(self.model, self.parallel.activation_checkpointing,
                                        self.parallel.activation_checkpointing_layers)
-        check_state_passing(self)  # row streams for carry, a carried layer, no model parallelism
+        # slices divide the sequence, Ulysses heads, a CP forward for every stateful letter
+        check_context_parallel(self.model, self.data.seq_len, self.parallel)
         self._check_recursion()
         self._check_hmt()
 

@@ -65,6 +65,9 @@ def test_config_rules(tmp_path):
         job_config_from_dict(synthetic.job_dict(tmp_path, model={"layer_pattern": "M-"}, train={"state_passing": "carry"}))
     with pytest.raises(ConfigError, match="Mamba-2"):
         job_config_from_dict(synthetic.job_dict(tmp_path, model={"layer_pattern": "A-"}, train={"state_passing": "noise"}))
+    with pytest.raises(ConfigError, match="parallel.context_parallel: 2 is not supported with train.state_passing"):
+        job_config_from_dict(synthetic.job_dict(tmp_path, model={"layer_pattern": "M-A-"}, train={"state_passing": "noise"},
+                                                parallel={"context_parallel": 2}))
 
 
 @pytest.mark.slow
