@@ -14,8 +14,8 @@ with weights, AdamW moments and step counts, trainer counters and the loader cur
 SyntheticLoader when the data-parallel size changes) carried over; and the export of the TP x PP checkpoint is the
 one-process model at the same step. The first TP x PP segment, and 3 more steps with an untied head,
 compute the last stage's loss from the vocabulary-sharded logits: the logit all-gather is never
-called in a training step (tensor_parallel._GatherLastDim counted). A Titans memory / MAC model
-("T-|C-") trains 3 steps at TP=2 x PP=2 like one process (issue 10's memory families). Every layout sees the same 4 sequences per step; 9 steps
+called in a training step (tensor_parallel._GatherLastDim counted). A Titans memory / ATLAS / MAC model
+("T-X-|C-") trains 3 steps at TP=2 x PP=2 like one process (issue 10's memory families). Every layout sees the same 4 sequences per step; 9 steps
 schedule the LR of every segment alike. A segment's losses after its first step check the moments
 it loaded (zeroing them on the ZeRO read or write side fails this test).
 
@@ -37,10 +37,12 @@ import synthetic
 
 #: attention + MLP twice, tied head; 2 heads and the MLP split over 2 TP ranks, one pair per stage
 MODEL = {"vocab_size": 64, "d_model": 32, "attention": {"n_heads": 2}, "mlp": {"hidden_size": 32}}
-#: Titans memory (T) on the first stage, MAC (C) on the last, 1 memory head per TP rank; the tiny
-#: settings of test_tensor_parallel_layouts.py
+#: Titans memory (T) and ATLAS (X) on the first stage, MAC (C) on the last, 1 memory head per TP
+#: rank; the tiny settings of test_tensor_parallel_layouts.py
 MEMORY = {"titans": {"n_heads": 2, "chunk_size": 4, "segment_len": 8, "window": 8, "n_persistent": 2,
-                     "memory_expansion": 2}}
+                     "memory_expansion": 2},
+          "atlas": {"omega_window": 2, "poly_degree": 2, "poly_form": "monomial", "optimizer": "momentum"}}
+MEMORY_PATTERN = "T-X-|C-"
 LAYOUTS = {  # name: (parallel section, gradient accumulation, ZeRO stage): 4 sequences of micro-batch 2 per step
     "one": ({}, 2, 0),
     "tp2xpp2": ({"tensor_parallel": 2, "pipeline_parallel": 2, "pipeline_micro_batches": 2}, 1, 0),
@@ -127,7 +129,7 @@ def _four_ranks(rank, world_size, root, start):
         out["untied"] = _run(root, "untied", "tp2xpp2", model={"tie_embeddings": False}, stop_at=3)
     out["untied_gathers"] = counts
     destroy_process_groups()
-    out["memory"] = _run(root, "memory", "tp2xpp2", model=MEMORY, pattern="T-|C-", stop_at=3)
+    out["memory"] = _run(root, "memory", "tp2xpp2", model=MEMORY, pattern=MEMORY_PATTERN, stop_at=3)
     return out
 
 
@@ -141,7 +143,7 @@ def test_runs_continue_across_tensor_pipeline_and_data_parallel_layouts(tmp_path
     start = _run(tmp_path, "start", "one", stop_at=1)
     four = run_distributed(_four_ranks, 4, args=(str(tmp_path), start["ckpt"]), timeout_s=600)
     untied = _run(tmp_path, "untied1", "one", model={"tie_embeddings": False}, stop_at=3)
-    memory = _run(tmp_path, "memory1", "one", model=MEMORY, pattern="T-|C-", stop_at=3)
+    memory = _run(tmp_path, "memory1", "one", model=MEMORY, pattern=MEMORY_PATTERN, stop_at=3)
     back = {"from_tpxpp": _run(tmp_path, "back1", "one", resume=four[0]["tpxpp"]["ckpt"]),
             "from_tpxpp1": _run(tmp_path, "back2", "one", resume=four[0]["tpxpp1"]["ckpt"])}
     assert sorted(ref["losses"]) == list(range(9)) and ref["losses"][8] < ref["losses"][0]
@@ -166,14 +168,14 @@ def test_runs_continue_across_tensor_pipeline_and_data_parallel_layouts(tmp_path
     for r in four:
         for step in range(3):
             assert r["untied"]["losses"][step] == pytest.approx(untied["losses"][step], rel=1e-5, abs=1e-6), step
-    # the memory families at TP=2 x PP=2: losses and clipping norms of one process
+    # the memory families (Titans, ATLAS, MAC) at TP=2 x PP=2: losses and clipping norms of one process
     assert sorted(memory["losses"]) == [0, 1, 2] and memory["losses"][2] < memory["losses"][0]
     for r in four:
         for step in range(3):
             assert r["memory"]["losses"][step] == pytest.approx(memory["losses"][step], rel=1e-5, abs=1e-6), step
             assert r["memory"]["norms"][step] == pytest.approx(memory["norms"][step], rel=1e-5), step
     marker = json.loads((Path(four[0]["memory"]["ckpt"]) / "COMPLETE.json").read_text())
-    assert marker["layout"] == {"pipeline_parallel": 2, "pipeline_stages": "T-|C-", "tensor_parallel": 2}
+    assert marker["layout"] == {"pipeline_parallel": 2, "pipeline_stages": MEMORY_PATTERN, "tensor_parallel": 2}
     for key in ("tpxpp", "dptp", "dppp", "tpxpp1"):  # every rank logs the same global loss
         assert all(r[key]["losses"] == four[0][key]["losses"] for r in four), key
     # tokens: each pipeline's and TP group's losses counted once; the counters carry over
