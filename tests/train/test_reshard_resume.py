@@ -14,8 +14,8 @@ with weights, AdamW moments and step counts, trainer counters and the loader cur
 SyntheticLoader when the data-parallel size changes) carried over; and the export of the TP x PP checkpoint is the
 one-process model at the same step. The first TP x PP segment, and 3 more steps with an untied head,
 compute the last stage's loss from the vocabulary-sharded logits: the logit all-gather is never
-called in a training step (tensor_parallel._GatherLastDim counted). A Titans memory / ATLAS / MAC model
-("T-X-|C-") trains 3 steps at TP=2 x PP=2 like one process (issue 10's memory families). Every layout sees the same 4 sequences per step; 9 steps
+called in a training step (tensor_parallel._GatherLastDim counted). A Titans memory / ATLAS / Mamba-2 / MAC
+model ("T-X-|M-C-") trains 3 steps at TP=2 x PP=2 like one process (issue 10's memory families). Every layout sees the same 4 sequences per step; 9 steps
 schedule the LR of every segment alike. A segment's losses after its first step check the moments
 it loaded (zeroing them on the ZeRO read or write side fails this test).
 
@@ -37,12 +37,13 @@ import synthetic
 
 #: attention + MLP twice, tied head; 2 heads and the MLP split over 2 TP ranks, one pair per stage
 MODEL = {"vocab_size": 64, "d_model": 32, "attention": {"n_heads": 2}, "mlp": {"hidden_size": 32}}
-#: Titans memory (T) and ATLAS (X) on the first stage, MAC (C) on the last, 1 memory head per TP
-#: rank; the tiny settings of test_tensor_parallel_layouts.py
+#: Titans memory (T) and ATLAS (X) on the first stage, Mamba-2 (M) and MAC (C) on the last, 1
+#: memory head and 1 Mamba-2 group per TP rank; the tiny settings of test_tensor_parallel*.py
 MEMORY = {"titans": {"n_heads": 2, "chunk_size": 4, "segment_len": 8, "window": 8, "n_persistent": 2,
                      "memory_expansion": 2},
-          "atlas": {"omega_window": 2, "poly_degree": 2, "poly_form": "monomial", "optimizer": "momentum"}}
-MEMORY_PATTERN = "T-X-|C-"
+          "atlas": {"omega_window": 2, "poly_degree": 2, "poly_form": "monomial", "optimizer": "momentum"},
+          "mamba2": {"d_state": 8, "headdim": 8, "ngroups": 2, "chunk_size": 8}}
+MEMORY_PATTERN = "T-X-|M-C-"
 LAYOUTS = {  # name: (parallel section, gradient accumulation, ZeRO stage): 4 sequences of micro-batch 2 per step
     "one": ({}, 2, 0),
     "tp2xpp2": ({"tensor_parallel": 2, "pipeline_parallel": 2, "pipeline_micro_batches": 2}, 1, 0),
@@ -168,7 +169,7 @@ def test_runs_continue_across_tensor_pipeline_and_data_parallel_layouts(tmp_path
     for r in four:
         for step in range(3):
             assert r["untied"]["losses"][step] == pytest.approx(untied["losses"][step], rel=1e-5, abs=1e-6), step
-    # the memory families (Titans, ATLAS, MAC) at TP=2 x PP=2: losses and clipping norms of one process
+    # the recurrent families (Titans, ATLAS, Mamba-2, MAC) at TP=2 x PP=2: losses and clipping norms of one process
     assert sorted(memory["losses"]) == [0, 1, 2] and memory["losses"][2] < memory["losses"][0]
     for r in four:
         for step in range(3):
