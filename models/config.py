@@ -103,8 +103,8 @@ class Mamba2Config:
     decode step and at every chunk boundary of the forward (None: off)"""
     state_window: Optional[int] = None
     """windowed state: outputs read only the last this-many tokens' writes, by the exact identity
-    S_t - (prod a)·S_{t-r} (costs one more scan; whole-sequence forward only, decoding re-runs the
-    forward; not with state_norm_max). None: off"""
+    S_t - (prod a)·S_{t-r} (costs one more scan in the forward; decoding keeps the last r tokens'
+    write factors, r·(H·P + G·N + H) numbers per row; not with state_norm_max). None: off"""
 
     def validate(self) -> None:
         require_at_least(self, 1, "d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "state_window")

@@ -249,11 +249,8 @@ def _vocab_size(model: nn.Module, device: torch.device) -> int:
 
 def greedy_continuation(model: nn.Module, ids: torch.Tensor, n: int) -> torch.Tensor:
     """ids (1, T) -> the next ``n`` greedy tokens (n,): ``model.generate`` when it has one, else an
-    argmax loop over full forwards (quadratic, fine for the short answers decoded here). Layers whose
-    decode step cannot reproduce their forward (``forward_only_decode``, e.g. a windowed Mamba-2
-    state) get the forward loop too."""
-    forward_only = any(getattr(m, "forward_only_decode", False) for m in model.modules())
-    if hasattr(model, "generate") and not forward_only:
+    argmax loop over full forwards (quadratic, fine for the short answers decoded here)."""
+    if hasattr(model, "generate"):
         return model.generate(ids, max_new_tokens=n)[0, ids.shape[1]:]
     for _ in range(n):
         nxt = model(ids).logits[:, -1].argmax(-1)

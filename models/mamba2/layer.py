@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybrid_lm.kernels.ssd.chunked import clamp_state_norm, ssd_chunked
+from hybrid_lm.kernels.ssd.reference import segment_index
 from hybrid_lm.models.common.mixer import Layer, State, linear_flops
 from hybrid_lm.models.mamba2 import backends
 from hybrid_lm.models.mamba2.conv import causal_conv, conv_step, final_conv_state
@@ -106,11 +107,33 @@ class Mamba2(Layer):
         self.norm.reset_parameters()
 
     def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> State:
-        """conv (B, conv_dim, d_conv-1) zeros in ``dtype``; ssm (B, H, P, N) zeros in fp32."""
-        return {
+        """conv (B, conv_dim, d_conv-1) zeros in ``dtype``; ssm (B, H, P, N) zeros in fp32; with
+        ``state_window`` also the window's decode keys (``_window_keys``), all empty."""
+        work = torch.promote_types(dtype, torch.float32)
+        state = {
             "conv": torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
-            "ssm": torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
-                               dtype=torch.promote_types(dtype, torch.float32)),
+            "ssm": torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=work),
+        }
+        if self.state_window is not None:
+            state.update(self._empty_window(state["ssm"]))
+        return state
+
+    def _empty_window(self, ssm: torch.Tensor) -> State:
+        """The window's decode keys before any token: ``ssm`` counts as written at position -1
+        (as ``ssd_chunked``'s initial state), so it is the lagged state and every slot is empty.
+
+        win_x (B, r, H, P) dt·x, win_b (B, r, G, N) B, win_logdecay (B, r, H) log a, win_valid
+        (B, r) 1 for a written slot: the last r tokens' write factors, oldest first, and
+        ``lag`` (B, H, P, N) the full state just before the oldest slot. The factors rather than
+        the r states: r·(H·P + G·N + H) numbers against r·H·P·N."""
+        batch, r = ssm.size(0), self.state_window
+        assert r is not None
+        return {
+            "win_x": ssm.new_zeros(batch, r, self.nheads, self.headdim),
+            "win_b": ssm.new_zeros(batch, r, self.ngroups, self.d_state),
+            "win_logdecay": ssm.new_zeros(batch, r, self.nheads),
+            "win_valid": ssm.new_zeros(batch, r),
+            "lag": ssm.clone(),
         }
 
     def _split_xbc(self, xbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -173,7 +196,54 @@ class Mamba2(Layer):
         y = self.out_proj(y)
         if not return_state:
             return y, None
-        return y, {"conv": new_conv, "ssm": final}
+        new_state = {"conv": new_conv, "ssm": final}
+        if self.state_window is not None:
+            new_state.update(self._prefill_window(xs, dt, A, bm, ssm_state, doc_ids, work))
+        return y, new_state
+
+    def _prefill_window(self, xs: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, bm: torch.Tensor,
+                        initial: Optional[torch.Tensor], doc_ids: Optional[torch.Tensor], work: torch.dtype) -> State:
+        """The window's decode keys after a forward over L tokens: slots for positions L-r..L-1
+        (those before 0 or before the last document's start stay empty) and ``lag`` = the full
+        state at L-r-1 (the initial state if that is before 0 and the last document is the
+        row's first, zero if the last document starts later: nothing of it came before)."""
+        batch, length = xs.shape[:2]
+        r = self.state_window
+        assert r is not None
+        initial = (xs.new_zeros(batch, self.nheads, self.headdim, self.d_state, dtype=work)
+                   if initial is None else initial.to(work))
+        log_decay = dt * A
+        bias = self._log_decay_bias(work, xs.device)
+        if bias is not None:
+            log_decay = log_decay + bias
+        seg = None if doc_ids is None else segment_index(doc_ids)
+        positions = torch.arange(length - r, length, device=xs.device)
+        taken = positions.clamp_min(0)
+        valid = (positions >= 0).to(work).expand(batch, r)
+        same_doc_as_last = None
+        if seg is not None:
+            same_doc_as_last = seg == seg[:, -1:]  # (B, L)
+            valid = valid * same_doc_as_last[:, taken].to(work)
+        keys = {
+            "win_x": (dt[..., None] * xs.to(work))[:, taken] * valid[..., None, None],
+            "win_b": bm.to(work)[:, taken] * valid[..., None, None],
+            "win_logdecay": log_decay[:, taken] * valid[..., None],
+            "win_valid": valid,
+        }
+        before = length - r  # tokens before the oldest slot
+        if before <= 0:
+            lag = initial
+            if same_doc_as_last is not None:
+                lag = lag * same_doc_as_last[:, :1].to(work)[..., None, None]
+        else:
+            _, lag = ssd_chunked(
+                xs[:, :before], dt[:, :before], A, bm[:, :before], bm[:, :before], self.chunk_size,
+                initial_state=initial, doc_ids=None if doc_ids is None else doc_ids[:, :before],
+                return_final_state=True, log_decay_bias=bias)
+            if same_doc_as_last is not None:
+                lag = lag * same_doc_as_last[:, before - 1].to(work)[:, None, None, None]
+        keys["lag"] = lag.to(work)
+        return keys
 
     def _gates(self, dt_raw: torch.Tensor, bm: torch.Tensor, work: torch.dtype
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -206,18 +276,9 @@ class Mamba2(Layer):
         bias = self._log_decay_bias(work, x.device)
         return (log_decay if bias is None else log_decay + bias).exp()
 
-    @property
-    def forward_only_decode(self) -> bool:
-        """True when ``step`` cannot reproduce the forward (the windowed state needs S_{t-r}, which a
-        decode state does not keep): decode by re-running the forward instead."""
-        return self.state_window is not None
-
     def step(self, x: torch.Tensor, state: Optional[State]) -> tuple[torch.Tensor, Optional[State]]:
         """Decode one token (as mamba_ssm's ``Mamba2.step``): u (B, D) -> y (B, D), updated conv and
         ssm states."""
-        if self.state_window is not None:
-            raise NotImplementedError("Mamba2.step: mamba2.state_window applies to the whole-sequence forward only "
-                                      "(decode by re-running the forward, as evaluation's greedy_continuation does)")
         if state is None:
             state = self.init_state(x.size(0), device=x.device, dtype=x.dtype)
         z, xbc, dt_raw = torch.split(self.in_proj(x), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
@@ -235,13 +296,41 @@ class Mamba2(Layer):
         dA = torch.exp(log_decay)
         xf = xs.to(work)
         ssm = state["ssm"].to(work) * dA[..., None, None] + (dt[..., None] * xf)[..., None] * bh[:, :, None, :]
-        y = torch.einsum("bhpn,bhn->bhp", ssm, ch) + self.D.to(work)[:, None] * xf
+        window: State = {}
+        if self.state_window is None:
+            read = ssm
+        else:
+            read, window = self._window_step(state, ssm, dt[..., None] * xf, bm.to(work), log_decay, rep)
+        y = torch.einsum("bhpn,bhn->bhp", read, ch) + self.D.to(work)[:, None] * xf
         if self.state_norm_max is not None:
             # the carried state is rescaled after the token's output is read, as the chunked form
             # rescales the state it carries over a chunk boundary (equal at chunk_size 1)
             ssm = clamp_state_norm(ssm, self.state_norm_max, dims=(-2, -1))
         y = self.norm(y.reshape(x.size(0), self.d_inner).to(x.dtype), z)
-        return self.out_proj(y), {"conv": conv, "ssm": ssm}
+        return self.out_proj(y), {"conv": conv, "ssm": ssm, **window}
+
+    def _window_step(self, state: State, ssm: torch.Tensor, x_dt: torch.Tensor, b: torch.Tensor,
+                     log_decay: torch.Tensor, rep: int) -> tuple[torch.Tensor, State]:
+        """One token of the windowed state: (S_t - g_t·S_{t-r}, the updated window keys).
+
+        The oldest slot (position t-r) is folded into ``lag`` (S_{t-r-1} -> S_{t-r}), the gain
+        g_t is the product of the decays at t-r+1..t, zero while any of those slots is empty (the
+        initial state or an earlier document is still inside the window, so nothing leaves it)."""
+        if "lag" not in state:  # a state from elsewhere (noise, an old checkpoint): ssm written at -1
+            state = {**state, **self._empty_window(state["ssm"])}
+        wx, wb, wld, wv = (state[k].to(ssm.dtype) for k in ("win_x", "win_b", "win_logdecay", "win_valid"))
+        old_b = wb[:, 0].repeat_interleave(rep, dim=1)  # (B, H, N)
+        advanced = state["lag"].to(ssm.dtype) * wld[:, 0].exp()[..., None, None] + wx[:, 0][..., None] * old_b[:, :, None, :]
+        lag = torch.where(wv[:, 0].bool()[:, None, None, None], advanced, state["lag"].to(ssm.dtype))
+        gain = (wld[:, 1:].sum(1) + log_decay).exp() * wv[:, 1:].prod(1)[:, None]  # (B, H)
+        window = {
+            "win_x": torch.cat([wx[:, 1:], x_dt[:, None]], dim=1),
+            "win_b": torch.cat([wb[:, 1:], b[:, None]], dim=1),
+            "win_logdecay": torch.cat([wld[:, 1:], log_decay[:, None]], dim=1),
+            "win_valid": torch.cat([wv[:, 1:], wv.new_ones(wv.size(0), 1)], dim=1),
+            "lag": lag,
+        }
+        return ssm - gain[..., None, None] * lag, window
 
     def flops_per_token(self, seq_len: int) -> float:
         """Projections, conv and the chunked scan as computed: Q x Q scores per group and their

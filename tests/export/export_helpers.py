@@ -30,6 +30,10 @@ CASES = {
     # at run time (a loader building on the meta device must not leave them uninitialised)
     "remote_atlas": {"layer_pattern": "X-D-A-", "titans": {"n_heads": 2, "chunk_size": 4},
                      "atlas": {"poly_form": "monomial", "deep_transformer": {"poly_form": "monomial"}}},
+    # Mamba-2 with state-collapse knobs (remote code: HF's layers have none); the 5-token window
+    # slides over the prompt and generation, decoding through the window's ring of write factors
+    "remote_mamba_window": {"layer_pattern": "M-A-", "mamba2": {**SMALL["mamba2"], "state_window": 5,
+                                                                "decay_mult": 0.95}},
     # a relaxed recursive model: 'A-' alone would be a Llama, but looped with per-loop LoRA it is ours only
     "remote_recursive": {"layer_pattern": "M-A-", "recursion": {"loops": 2, "lora_rank": 4}},
     # HMT: 4 text tokens per segment, so an 11-token prompt and 20 new tokens cross several segment

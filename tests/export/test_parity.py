@@ -16,7 +16,7 @@ from hybrid_lm.export.api import export_checkpoint
 EXPECTED_CLASS = {"llama": "LlamaForCausalLM", "mamba2": "Mamba2ForCausalLM", "bamba": "BambaForCausalLM",
                   "remote_titans": "HybridLMForCausalLM", "remote_window": "HybridLMForCausalLM",
                   "remote_atlas": "HybridLMForCausalLM", "remote_recursive": "HybridLMForCausalLM",
-                  "remote_hmt": "HybridLMForCausalLM"}
+                  "remote_hmt": "HybridLMForCausalLM", "remote_mamba_window": "HybridLMForCausalLM"}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
