@@ -144,13 +144,14 @@ class JobConfig:
             # which hold only trained parameters: a frozen backbone would be missing from exports
             raise ConfigError(f"model.hmt.freeze_backbone: needs parallel.zero_stage=0, got "
                               f"{self.parallel.zero_stage} (a ZeRO checkpoint consolidates only trained weights)")
-        # the HMT wrapper runs its backbone once per segment on re-batched documents; the layer
-        # splits (TP), stage cuts (PP) and sequence shards (CP) are written for one pass of the stack
-        for key in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+        # the HMT wrapper runs its backbone once per segment on re-batched documents: tensor
+        # parallelism splits each layer and works in every pass; stage cuts (PP) and sequence
+        # shards (CP) are written for one pass of the stack over the whole row
+        for key in ("pipeline_parallel", "context_parallel", "sequence_parallel"):
             degree = getattr(self.parallel, key, 1)
-            if degree > 1:
+            if degree is True or (not isinstance(degree, bool) and degree > 1):
                 raise ConfigError(f"parallel.{key}: {degree} is not supported with model.hmt (an HMT model trains "
-                                  "with data parallelism / ZeRO only)")
+                                  "with data and tensor parallelism / ZeRO)")
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -82,11 +82,11 @@ def _tp_splits(model_config: ModelConfig, tp: int) -> dict[str, Any]:
     group is only stored) recovers that without a process group."""
     from types import SimpleNamespace
 
-    from hybrid_lm.models.hybrid import HybridLM
+    from hybrid_lm.models.kinds import build_lm
     from hybrid_lm.train.tensor_parallel import apply_tensor_parallel
 
-    with torch.device("meta"):
-        skeleton = apply_tensor_parallel(HybridLM(model_config), SimpleNamespace(tp_size=tp, tp_rank=0, tp_group=None))
+    with torch.device("meta"):  # the model kind's own names (an HMT backbone's under backbone.)
+        skeleton = apply_tensor_parallel(build_lm(model_config), SimpleNamespace(tp_size=tp, tp_rank=0, tp_group=None))
     return {name: p._tp_split for name, p in skeleton.named_parameters(remove_duplicate=False)
             if getattr(p, "_tp_split", None) is not None}
 
