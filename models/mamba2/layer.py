@@ -192,58 +192,121 @@ class Mamba2(Layer):
                 state_norm_max=self.state_norm_max, window=self.state_window,
             )
         y, final = (out if return_state else (out, None))
+        if self.state_window is not None and state is not None and "lag" in state:
+            y = self._ring_correction(y, cm, dt, A, state, doc_ids, work)
         y = self.norm(y.reshape(batch, length, self.d_inner), z)
         y = self.out_proj(y)
         if not return_state:
             return y, None
         new_state = {"conv": new_conv, "ssm": final}
         if self.state_window is not None:
-            new_state.update(self._prefill_window(xs, dt, A, bm, ssm_state, doc_ids, work))
+            new_state.update(self._prefill_window(xs, dt, A, bm, state, doc_ids, work))
         return y, new_state
 
+    def _ring_tokens(self, wx: torch.Tensor, wld: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ring slots as ``ssd_chunked`` inputs (x', dt') with dt'·x' = dt·x and dt'·A = log a.
+
+        The scan takes x and dt apart (write dt·x·B, log decay dt·A + bias) while the ring keeps
+        the products, so dt' = log a / A (the bias folded in; pass no ``log_decay_bias``) and
+        x' = dt·x / dt'. An empty slot (log a = 0, dt·x = 0) becomes dt' = 0, x' = 0: decay 1 and no
+        write, so the scan leaves the lagged state as the step does."""
+        dtp = wld / A.to(wld.dtype)
+        nonzero = dtp > 0
+        xp = torch.where(nonzero[..., None], wx / torch.where(nonzero, dtp, 1.0)[..., None], 0.0)
+        return xp, torch.where(nonzero, dtp, 0.0)
+
+    def _window_keys(self, state: State, work: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(win_x, win_b, win_logdecay, win_valid, lag) of ``state`` in ``work``; a state without
+        them (a ``noise`` state, one saved before the ring existed) counts its ``ssm`` as written
+        at -1: an empty ring."""
+        if "lag" not in state:
+            state = self._empty_window(state["ssm"])
+        return tuple(state[k].to(work) for k in ("win_x", "win_b", "win_logdecay", "win_valid", "lag"))
+
+    def _ring_correction(self, y: torch.Tensor, cm: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+                         state: State, doc_ids: Optional[torch.Tensor], work: torch.dtype) -> torch.Tensor:
+        """The windowed forward continuing a state that carries the ring: y (B, L, H, P) with
+        g_t·C_t·S_{t-r} also subtracted at t < r-1, where S_{t-r} (a ring position) came before
+        this call. ``ssd_chunked`` counts the state as written at -1 and subtracts nothing there;
+        with the ring, one forward over the concatenation is reproduced (the layer contract:
+        chunked prefill, long-context evaluation in segments, a multi-token continuation from an
+        exported model's cache). S_{t-r} is the state after ring slot t, so C_t·S_{t-r} is one
+        scan over slots 0..m-1 from ``lag`` queried with the new tokens' C (no states stored);
+        g_t = prod of the ring's log a over slots t+1..r-1 and the new ones over 0..t, zero while
+        an empty slot is among t+1..r-1 or t is past the first document of this call."""
+        r = self.state_window
+        assert r is not None
+        m = min(r - 1, y.size(1))
+        if m <= 0:
+            return y
+        wx, wb, wld, wv, lag = self._window_keys(state, work)
+        xp, dtp = self._ring_tokens(wx[:, :m], wld[:, :m], A)
+        lagged = ssd_chunked(xp, dtp, A, wb[:, :m], cm[:, :m], self.chunk_size, initial_state=lag).to(work)
+        log_decay = dt[:, :m] * A
+        bias = self._log_decay_bias(work, y.device)
+        if bias is not None:
+            log_decay = log_decay + bias
+        # suffix sums / products over ring slots t+1..r-1, for t = 0..m-1
+        ring_tail = wld.flip(1).cumsum(1).flip(1)[:, 1:m + 1]  # (B, m, H); m + 1 <= r
+        full = wv.flip(1).cumprod(1).flip(1)[:, 1:m + 1]  # (B, m)
+        gain = (ring_tail + log_decay.cumsum(1)).exp() * full[..., None]  # (B, m, H)
+        if doc_ids is not None:
+            seg = segment_index(doc_ids)
+            gain = gain * (seg[:, :m] == seg[:, :1]).to(work)[..., None]
+        head = (y[:, :m].to(work) - gain[..., None] * lagged).to(y.dtype)
+        return torch.cat([head, y[:, m:]], dim=1)
+
     def _prefill_window(self, xs: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, bm: torch.Tensor,
-                        initial: Optional[torch.Tensor], doc_ids: Optional[torch.Tensor], work: torch.dtype) -> State:
+                        state: Optional[State], doc_ids: Optional[torch.Tensor], work: torch.dtype) -> State:
         """The window's decode keys after a forward over L tokens: slots for positions L-r..L-1
-        (those before 0 or before the last document's start stay empty) and ``lag`` = the full
-        state at L-r-1 (the initial state if that is before 0 and the last document is the
-        row's first, zero if the last document starts later: nothing of it came before)."""
+        and ``lag`` = the full state at L-r-1. Positions before 0 come from ``state``'s ring (an
+        empty one, ``ssm`` written at -1, when it has none or there is no state): the ring's last
+        r-L slots stay and ``lag`` advances over its first L. Slots before the last document's
+        start are emptied, and ``lag`` is zero when that document starts after L-r-1 (nothing of it
+        came before)."""
         batch, length = xs.shape[:2]
         r = self.state_window
         assert r is not None
-        initial = (xs.new_zeros(batch, self.nheads, self.headdim, self.d_state, dtype=work)
-                   if initial is None else initial.to(work))
+        if state is None:
+            zeros = xs.new_zeros(batch, self.nheads, self.headdim, self.d_state, dtype=work)
+            state = {"ssm": zeros, **self._empty_window(zeros)}
+        initial = state["ssm"].to(work)
         log_decay = dt * A
         bias = self._log_decay_bias(work, xs.device)
         if bias is not None:
             log_decay = log_decay + bias
         seg = None if doc_ids is None else segment_index(doc_ids)
-        positions = torch.arange(length - r, length, device=xs.device)
-        taken = positions.clamp_min(0)
-        valid = (positions >= 0).to(work).expand(batch, r)
-        same_doc_as_last = None
-        if seg is not None:
-            same_doc_as_last = seg == seg[:, -1:]  # (B, L)
-            valid = valid * same_doc_as_last[:, taken].to(work)
-        keys = {
-            "win_x": (dt[..., None] * xs.to(work))[:, taken] * valid[..., None, None],
-            "win_b": bm.to(work)[:, taken] * valid[..., None, None],
-            "win_logdecay": log_decay[:, taken] * valid[..., None],
-            "win_valid": valid,
-        }
+        same_doc_as_last = None if seg is None else (seg == seg[:, -1:]).to(work)  # (B, L)
+        keep = xs.new_ones(batch, length, dtype=work) if same_doc_as_last is None else same_doc_as_last
+        x_dt = dt[..., None] * xs.to(work)
+        new = (x_dt, bm.to(work), log_decay, keep)
         before = length - r  # tokens before the oldest slot
-        if before <= 0:
-            lag = initial
-            if same_doc_as_last is not None:
-                lag = lag * same_doc_as_last[:, :1].to(work)[..., None, None]
+        if before >= 0:
+            keys = [t[:, before:] for t in new]
+            if before == 0:
+                lag = initial
+            else:
+                _, lag = ssd_chunked(
+                    xs[:, :before], dt[:, :before], A, bm[:, :before], bm[:, :before], self.chunk_size,
+                    initial_state=initial, doc_ids=None if doc_ids is None else doc_ids[:, :before],
+                    return_final_state=True, log_decay_bias=bias)
+            lag_kept = keep[:, max(before - 1, 0)]
         else:
-            _, lag = ssd_chunked(
-                xs[:, :before], dt[:, :before], A, bm[:, :before], bm[:, :before], self.chunk_size,
-                initial_state=initial, doc_ids=None if doc_ids is None else doc_ids[:, :before],
-                return_final_state=True, log_decay_bias=bias)
-            if same_doc_as_last is not None:
-                lag = lag * same_doc_as_last[:, before - 1].to(work)[:, None, None, None]
-        keys["lag"] = lag.to(work)
-        return keys
+            wx, wb, wld, wv, lag = self._window_keys(state, work)
+            xp, dtp = self._ring_tokens(wx[:, :length], wld[:, :length], A)
+            _, lag = ssd_chunked(xp, dtp, A, wb[:, :length], wb[:, :length], self.chunk_size,
+                                 initial_state=lag, return_final_state=True)
+            old = (wx[:, length:], wb[:, length:], wld[:, length:], wv[:, length:] * keep[:, :1])
+            keys = [torch.cat([o, n], dim=1) for o, n in zip(old, new)]
+            lag_kept = keep[:, 0]
+        valid = keys[3]
+        return {
+            "win_x": keys[0] * valid[..., None, None],
+            "win_b": keys[1] * valid[..., None, None],
+            "win_logdecay": keys[2] * valid[..., None],
+            "win_valid": valid,
+            "lag": (lag.to(work) * lag_kept[:, None, None, None]),
+        }
 
     def _gates(self, dt_raw: torch.Tensor, bm: torch.Tensor, work: torch.dtype
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

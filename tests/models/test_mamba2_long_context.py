@@ -171,6 +171,34 @@ def test_window_decode_equals_forward(r, knobs):
                                    msg=lambda m: f"documents, prefill {k}: {m}")
 
 
+@pytest.mark.parametrize("r", [1, 2, 5, 8])
+def test_window_forward_from_a_carried_state_equals_one_forward(r):
+    """The layer contract with a window: forwards in segments, each from the previous one's state
+    (segments shorter than, as long as and longer than r; documents starting inside segments),
+    and forwards mixed with steps equal one forward. The ring a state carries is read where
+    S_{t-r} came before the call (Mamba2._ring_correction), and a short segment keeps the older
+    ring slots (Mamba2._prefill_window)."""
+    layer = make_layer(state_window=r, decay_mult=0.9, b_mult=0.5)
+    x = torch.randn(2, 23, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(10 + r))
+    docs = torch.zeros(2, 23, dtype=torch.long)
+    docs[0, 10:], docs[1, 17:] = 1, 1  # no cut below falls on a boundary (a state continues the first document)
+    yfull = layer(x, doc_ids=docs)[0]
+    for cuts in ((3, 4, 6, 12, 13, 21, 23), (2, 11, 23), (1, 2, 3, 5, 8, 9, 14, 16, 20, 23)):
+        state, outs, prev = None, [], 0
+        for cut in cuts:
+            y, state = layer(x[:, prev:cut], state=state, doc_ids=docs[:, prev:cut], return_state=True)
+            outs.append(y)
+            prev = cut
+        torch.testing.assert_close(torch.cat(outs, 1), yfull, rtol=0, atol=1e-10, msg=lambda m: f"cuts {cuts}: {m}")
+    y = layer(x)[0]
+    y_head, state = layer(x[:, :3], return_state=True)
+    y_steps, state = _steps(layer, x[:, 3:7], state)
+    y_mid, state = layer(x[:, 7:9], state=state, return_state=True)
+    y_steps2, state = _steps(layer, x[:, 9:12], state)
+    y_tail = layer(x[:, 12:], state=state)[0]
+    torch.testing.assert_close(torch.cat([y_head, y_steps, y_mid, y_steps2, y_tail], 1), y, rtol=0, atol=1e-10)
+
+
 def test_windowed_hybrid_generates_like_forward_greedy():
     from hybrid_lm.models.hybrid import HybridLM
 
