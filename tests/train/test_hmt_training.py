@@ -96,7 +96,38 @@ def _train_worker(rank, world_size, jobs):
         result = train(job_config_from_dict(job), make_loader=synthetic.factory())
         out.append((result.losses, str(result.checkpoint)))
         destroy_process_groups()  # megatron's groups are made per degrees: the next job may differ
+    if world_size == 2:
+        out.append(_tp_decode(TP_MODEL))
     return out
+
+
+def _tp_decode(model: dict) -> tuple[bool, float]:
+    """Greedy decoding of an HMT model split over 2 TP ranks against the same weights unsplit (in
+    each rank): prefill over two segments, then decode steps that open new segments (the memory
+    pass on the split backbone, carried split Mamba-2 states); -> (same tokens, max logit diff)."""
+    import copy
+
+    from hybrid_lm.models.config import ModelConfig
+    from hybrid_lm.models.kinds import build_lm
+    from hybrid_lm.train.process_groups import init_process_groups
+    from hybrid_lm.train.tensor_parallel import apply_tensor_parallel
+    from hybrid_lm.typed_config import from_dict
+
+    groups = init_process_groups(tensor_parallel=2)
+    torch.manual_seed(0)
+    full = build_lm(from_dict(ModelConfig, model))
+    full.init_weights()
+    split = apply_tensor_parallel(copy.deepcopy(full), groups)
+    ids = torch.randint(0, model["vocab_size"], (2, 25), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        same = torch.equal(full.generate(ids, 20), split.generate(ids, 20))
+        (ref, ref_state), (got, got_state) = full.prefill(ids), split.prefill(ids)
+        diff = float((ref - got).abs().max())
+        for _ in range(15):
+            nxt = ref.argmax(-1)
+            (ref, ref_state), (got, got_state) = full.decode(nxt, ref_state), split.decode(nxt, got_state)
+            diff = max(diff, float((ref - got).abs().max()))
+    return same, diff
 
 
 #: Mamba-2 (2 groups) + attention (2 heads) + MLP, each split over 2 TP ranks; Mamba-2 states
@@ -111,8 +142,9 @@ def test_data_and_tensor_parallel_match_one_rank(tmp_path):
     """One 2-rank spawn: data parallelism (ZeRO-2) gives one rank's losses with 2 micro-batches;
     tensor parallelism (TP=2, the backbone's layers split by their families' plans, HMT's own
     summary prompt, memory init and recall projections replicated) gives one rank's losses and
-    clipping norms for 3 steps, its checkpoint consolidates to the one-rank weights, and it resumes
-    at TP=1 on the one-rank run's losses. Tolerance rel 1e-5 (fp32; the TP tests' reasons)."""
+    clipping norms for 3 steps, its checkpoint consolidates to the one-rank weights, it resumes
+    at TP=1 on the one-rank run's losses, and greedy generation at TP=2 gives the unsplit model's
+    tokens (logits within 1e-5). Tolerance rel 1e-5 (fp32; the TP tests' reasons)."""
     from distributed_utils import run_distributed
 
     model = {"vocab_size": 64, "d_model": 32, "layer_pattern": "M-A-", "attention": {"n_heads": 2},
@@ -120,7 +152,7 @@ def test_data_and_tensor_parallel_match_one_rank(tmp_path):
     dp_job = synthetic.job_dict(tmp_path / "two", steps=4, zero_stage=2, model=model, eval={"hooks": []})
     tp_job = synthetic.job_dict(tmp_path / "tp2", steps=4, zero_stage=0, model=TP_MODEL, eval={"hooks": []},
                                 parallel={"tensor_parallel": 2}, train={"stop_at": 3})
-    two, tp = run_distributed(_train_worker, 2, args=([dp_job, tp_job],))[0]
+    two, tp, (same_tokens, logit_diff) = run_distributed(_train_worker, 2, args=([dp_job, tp_job],))[0]
     one = run_distributed(_train_worker, 1, args=([synthetic.job_dict(tmp_path / "one", steps=4, zero_stage=0, gas=2,
                                                                        model=model, eval={"hooks": []})],))[0][0]
     assert sorted(two[0]) == sorted(one[0]) == list(range(4))
@@ -146,6 +178,7 @@ def test_data_and_tensor_parallel_match_one_rank(tmp_path):
                     make_loader=synthetic.factory())
     assert sorted(resumed.losses) == [3]
     assert resumed.losses[3] == pytest.approx(straight.losses[3], rel=1e-5, abs=1e-6)
+    assert same_tokens and logit_diff < 1e-5, logit_diff  # generation reads gathered (full-vocabulary) logits
 
 
 @pytest.mark.slow
