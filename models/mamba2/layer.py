@@ -242,10 +242,7 @@ class Mamba2(Layer):
         wx, wb, wld, wv, lag = self._window_keys(state, work)
         xp, dtp = self._ring_tokens(wx[:, :m], wld[:, :m], A)
         lagged = ssd_chunked(xp, dtp, A, wb[:, :m], cm[:, :m], self.chunk_size, initial_state=lag).to(work)
-        log_decay = dt[:, :m] * A
-        bias = self._log_decay_bias(work, y.device)
-        if bias is not None:
-            log_decay = log_decay + bias
+        log_decay = self._log_decays(dt[:, :m], A)
         # suffix sums / products over ring slots t+1..r-1, for t = 0..m-1
         ring_tail = wld.flip(1).cumsum(1).flip(1)[:, 1:m + 1]  # (B, m, H); m + 1 <= r
         full = wv.flip(1).cumprod(1).flip(1)[:, 1:m + 1]  # (B, m)
@@ -271,10 +268,7 @@ class Mamba2(Layer):
             zeros = xs.new_zeros(batch, self.nheads, self.headdim, self.d_state, dtype=work)
             state = {"ssm": zeros, **self._empty_window(zeros)}
         initial = state["ssm"].to(work)
-        log_decay = dt * A
-        bias = self._log_decay_bias(work, xs.device)
-        if bias is not None:
-            log_decay = log_decay + bias
+        log_decay = self._log_decays(dt, A)
         seg = None if doc_ids is None else segment_index(doc_ids)
         same_doc_as_last = None if seg is None else (seg == seg[:, -1:]).to(work)  # (B, L)
         keep = xs.new_ones(batch, length, dtype=work) if same_doc_as_last is None else same_doc_as_last
@@ -289,7 +283,7 @@ class Mamba2(Layer):
                 _, lag = ssd_chunked(
                     xs[:, :before], dt[:, :before], A, bm[:, :before], bm[:, :before], self.chunk_size,
                     initial_state=initial, doc_ids=None if doc_ids is None else doc_ids[:, :before],
-                    return_final_state=True, log_decay_bias=bias)
+                    return_final_state=True, log_decay_bias=self._log_decay_bias(work, xs.device))
             lag_kept = keep[:, max(before - 1, 0)]
         else:
             wx, wb, wld, wv, lag = self._window_keys(state, work)
@@ -328,6 +322,13 @@ class Mamba2(Layer):
             return None
         return torch.full((self.nheads,), math.log(self.decay_mult), dtype=work, device=device)
 
+    def _log_decays(self, dt: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """log a_t = dt·A (+ log decay_mult): what the scan decays by, for the paths that need it
+        outside the scan (decode, the window's ring, the diagnostic)."""
+        log_decay = dt * A
+        bias = self._log_decay_bias(log_decay.dtype, log_decay.device)
+        return log_decay if bias is None else log_decay + bias
+
     @torch.no_grad()
     def decays(self, x: torch.Tensor) -> torch.Tensor:
         """The per-token decays a_t = exp(dt·A) (knobs included) of input x (B, L, D): (B, L, H) fp32+.
@@ -335,9 +336,7 @@ class Mamba2(Layer):
         work = torch.promote_types(x.dtype, torch.float32)
         dt_raw = self.in_proj(x)[..., -self.nheads:]
         dt, A, _ = self._gates(dt_raw, dt_raw.new_zeros(()), work)
-        log_decay = dt * A
-        bias = self._log_decay_bias(work, x.device)
-        return (log_decay if bias is None else log_decay + bias).exp()
+        return self._log_decays(dt, A).exp()
 
     def step(self, x: torch.Tensor, state: Optional[State]) -> tuple[torch.Tensor, Optional[State]]:
         """Decode one token (as mamba_ssm's ``Mamba2.step``): u (B, D) -> y (B, D), updated conv and
@@ -352,10 +351,7 @@ class Mamba2(Layer):
         dt, A, bm = self._gates(dt_raw, bm, work)  # (B, H), (H,), (B, G, N)
         bh = bm.to(work).repeat_interleave(rep, dim=1)  # (B, H, N)
         ch = cm.to(work).repeat_interleave(rep, dim=1)
-        log_decay = dt * A
-        bias = self._log_decay_bias(work, x.device)
-        if bias is not None:
-            log_decay = log_decay + bias
+        log_decay = self._log_decays(dt, A)
         dA = torch.exp(log_decay)
         xf = xs.to(work)
         ssm = state["ssm"].to(work) * dA[..., None, None] + (dt[..., None] * xf)[..., None] * bh[:, :, None, :]
@@ -379,12 +375,10 @@ class Mamba2(Layer):
         The oldest slot (position t-r) is folded into ``lag`` (S_{t-r-1} -> S_{t-r}), the gain
         g_t is the product of the decays at t-r+1..t, zero while any of those slots is empty (the
         initial state or an earlier document is still inside the window, so nothing leaves it)."""
-        if "lag" not in state:  # a state from elsewhere (noise, an old checkpoint): ssm written at -1
-            state = {**state, **self._empty_window(state["ssm"])}
-        wx, wb, wld, wv = (state[k].to(ssm.dtype) for k in ("win_x", "win_b", "win_logdecay", "win_valid"))
+        wx, wb, wld, wv, lag = self._window_keys(state, ssm.dtype)
         old_b = wb[:, 0].repeat_interleave(rep, dim=1)  # (B, H, N)
-        advanced = state["lag"].to(ssm.dtype) * wld[:, 0].exp()[..., None, None] + wx[:, 0][..., None] * old_b[:, :, None, :]
-        lag = torch.where(wv[:, 0].bool()[:, None, None, None], advanced, state["lag"].to(ssm.dtype))
+        advanced = lag * wld[:, 0].exp()[..., None, None] + wx[:, 0][..., None] * old_b[:, :, None, :]
+        lag = torch.where(wv[:, 0].bool()[:, None, None, None], advanced, lag)
         gain = (wld[:, 1:].sum(1) + log_decay).exp() * wv[:, 1:].prod(1)[:, None]  # (B, H)
         window = {
             "win_x": torch.cat([wx[:, 1:], x_dt[:, None]], dim=1),

@@ -22,8 +22,11 @@ def make_layer(dtype=torch.float64, chunk=8, **knobs):
     return layer.to(dtype)
 
 
-def decode(layer, x):
-    state, outs = layer.init_state(x.size(0), device=x.device, dtype=x.dtype), []
+def decode(layer, x, state=None):
+    """Step token by token from ``state`` (the layer's empty state when None): (outputs, state)."""
+    if state is None:
+        state = layer.init_state(x.size(0), device=x.device, dtype=x.dtype)
+    outs = []
     for t in range(x.size(1)):
         y, state = layer.step(x[:, t], state)
         outs.append(y[:, None])
@@ -132,14 +135,6 @@ def test_layer_window_matches_kernel():
     torch.testing.assert_close(y[:, :5], make_layer()(x)[0][:, :5], rtol=0, atol=1e-12)  # window not yet full
 
 
-def _steps(layer, x, state):
-    outs = []
-    for t in range(x.size(1)):
-        y, state = layer.step(x[:, t], state)
-        outs.append(y[:, None])
-    return torch.cat(outs, 1), state
-
-
 @pytest.mark.parametrize("r", [1, 4, 19, 30])
 @pytest.mark.parametrize("knobs", [{}, {"decay_mult": 0.9, "b_mult": 0.5}], ids=["plain", "knobs"])
 def test_window_decode_equals_forward(r, knobs):
@@ -155,19 +150,19 @@ def test_window_decode_equals_forward(r, knobs):
     torch.testing.assert_close(sd["ssm"], state["ssm"], rtol=0, atol=1e-10)
     for k in (1, 3, 4, 5, 12):
         yp, sp = layer(x[:, :k], return_state=True)
-        torch.testing.assert_close(torch.cat([yp, _steps(layer, x[:, k:], sp)[0]], 1), y, rtol=0, atol=1e-10,
+        torch.testing.assert_close(torch.cat([yp, decode(layer, x[:, k:], sp)[0]], 1), y, rtol=0, atol=1e-10,
                                    msg=lambda m: f"prefill {k}: {m}")
     s0 = layer.init_state(2, device=x.device, dtype=x.dtype)
     s0["ssm"] = torch.randn(s0["ssm"].shape, dtype=x.dtype, generator=torch.Generator().manual_seed(9))
     y0 = layer(x, state={"conv": s0["conv"], "ssm": s0["ssm"]})[0]
     # a state without the window keys (noise, a training carry) is read as written at -1 too
-    torch.testing.assert_close(_steps(layer, x, {"conv": s0["conv"], "ssm": s0["ssm"]})[0], y0, rtol=0, atol=1e-10)
+    torch.testing.assert_close(decode(layer, x, {"conv": s0["conv"], "ssm": s0["ssm"]})[0], y0, rtol=0, atol=1e-10)
     docs = torch.zeros(2, 19, dtype=torch.long)
     docs[0, 7:], docs[1, 10:] = 1, 1
     yfull = layer(x, doc_ids=docs)[0]
     for k in (11, 13, 17):  # each row's last document began 1-10 tokens before the prefill's end
         yp, sp = layer(x[:, :k], doc_ids=docs[:, :k], return_state=True)
-        torch.testing.assert_close(torch.cat([yp, _steps(layer, x[:, k:], sp)[0]], 1), yfull, rtol=0, atol=1e-10,
+        torch.testing.assert_close(torch.cat([yp, decode(layer, x[:, k:], sp)[0]], 1), yfull, rtol=0, atol=1e-10,
                                    msg=lambda m: f"documents, prefill {k}: {m}")
 
 
@@ -192,9 +187,9 @@ def test_window_forward_from_a_carried_state_equals_one_forward(r):
         torch.testing.assert_close(torch.cat(outs, 1), yfull, rtol=0, atol=1e-10, msg=lambda m: f"cuts {cuts}: {m}")
     y = layer(x)[0]
     y_head, state = layer(x[:, :3], return_state=True)
-    y_steps, state = _steps(layer, x[:, 3:7], state)
+    y_steps, state = decode(layer, x[:, 3:7], state)
     y_mid, state = layer(x[:, 7:9], state=state, return_state=True)
-    y_steps2, state = _steps(layer, x[:, 9:12], state)
+    y_steps2, state = decode(layer, x[:, 9:12], state)
     y_tail = layer(x[:, 12:], state=state)[0]
     torch.testing.assert_close(torch.cat([y_head, y_steps, y_mid, y_steps2, y_tail], 1), y, rtol=0, atol=1e-10)
 
