@@ -130,11 +130,8 @@ class JobConfig:
             return
         # the pipeline splits the pattern into stages and TP/CP wrap each layer once; a looped block
         # would need every stage to loop and per-loop LoRA sharded: untested, so refused
-        for key in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
-            degree = getattr(self.parallel, key, 1)
-            if degree > 1:
-                raise ConfigError(f"parallel.{key}: {degree} is not supported with model.recursion.loops={loops} "
-                                  "(a looped model trains with data parallelism / ZeRO only)")
+        self.parallel.refuse(("tensor_parallel", "pipeline_parallel", "context_parallel"),
+                             f"model.recursion.loops={loops}", "a looped model trains with data parallelism / ZeRO only")
 
     def _check_hmt(self) -> None:
         if self.model.hmt is None:
@@ -147,11 +144,8 @@ class JobConfig:
         # the HMT wrapper runs its backbone once per segment on re-batched documents: tensor
         # parallelism splits each layer and works in every pass; stage cuts (PP) and sequence
         # shards (CP) are written for one pass of the stack over the whole row
-        for key in ("pipeline_parallel", "context_parallel", "sequence_parallel"):
-            degree = getattr(self.parallel, key, 1)
-            if degree is True or (not isinstance(degree, bool) and degree > 1):
-                raise ConfigError(f"parallel.{key}: {degree} is not supported with model.hmt (an HMT model trains "
-                                  "with data and tensor parallelism / ZeRO)")
+        self.parallel.refuse(("pipeline_parallel", "context_parallel", "sequence_parallel"), "model.hmt",
+                             "an HMT model trains with data and tensor parallelism / ZeRO")
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -74,6 +74,15 @@ class ParallelConfig:
     """allgather: local queries, all-gathered K/V (any head count); ulysses: all-to-all sequence <-> heads
     (needs model.attention.n_heads / tensor_parallel divisible by context_parallel)"""
 
+    def refuse(self, keys: tuple[str, ...], subject: str, reason: str) -> None:
+        """ConfigError naming the first of ``keys`` that is switched on (a degree above 1, or True)
+        as not supported with ``subject``: the one message for every feature that runs only on
+        some layouts (state passing, HMT, looped models)."""
+        for key in keys:
+            value = getattr(self, key)
+            if value is True or (type(value) is int and value > 1):
+                raise ConfigError(f"parallel.{key}: {value} is not supported with {subject} ({reason})")
+
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")

@@ -52,11 +52,8 @@ def check_state_passing(cfg: Any) -> None:
     if mode == "carry" and not cfg.data.row_streams:
         raise ConfigError("train.state_passing: carry needs data.row_streams=true (each row a continuous stream, so "
                           "row b's state goes on with row b's tokens); got data.row_streams=false")
-    for key in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
-        degree = getattr(cfg.parallel, key, 1)
-        if degree > 1:
-            raise ConfigError(f"parallel.{key}: {degree} is not supported with train.state_passing={mode} "
-                              "(states are carried under data parallelism / ZeRO only)")
+    cfg.parallel.refuse(("tensor_parallel", "pipeline_parallel", "context_parallel"), f"train.state_passing={mode}",
+                        "states are carried under data parallelism / ZeRO only")
     recursion = getattr(cfg.model, "recursion", None)
     if getattr(cfg.model, "hmt", None) is not None or (recursion is not None and recursion.loops > 1):
         raise ConfigError(f"train.state_passing: {mode} needs the plain hybrid stack (not HMT or a looped model)")

@@ -80,6 +80,9 @@ def test_two_stage_recipe_and_a_plain_backbone_as_init(tmp_path, shards):
 def test_model_parallel_layouts_are_refused_at_load(tmp_path, key):
     with pytest.raises(ConfigError, match=rf"parallel\.{key}: 2 is not supported"):
         load_job_config("configs/hmt-tiny.yaml", [f"parallel.{key}=2", "model.layer_pattern=A-A-"])
+
+
+def test_tensor_parallel_loads_and_sequence_parallel_is_refused():
     with pytest.raises(ConfigError, match=r"parallel\.sequence_parallel: True is not supported with model\.hmt"):
         load_job_config("configs/hmt-tiny.yaml", ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
                                                   "model.layer_pattern=A-A-"])

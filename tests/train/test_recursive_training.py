@@ -60,3 +60,15 @@ def test_recursive_init_refuses_a_pattern_that_does_not_loop(tmp_path, capsys):
     assert cli_main(["recursive", "init", str(source.checkpoint), str(tmp_path / "rec"), "--loops", "2"]) == 1
     assert "loop count must be >= 2 and divide 1" in capsys.readouterr().err
     assert not (tmp_path / "rec").exists()
+
+
+def test_model_parallel_layouts_are_refused_at_load(tmp_path):
+    import pytest
+
+    from hybrid_lm.typed_config import ConfigError
+
+    model = {**LOOPED, "layer_pattern": "A-A-"}  # divisible by every degree: the loop is what is refused
+    for key in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+        with pytest.raises(ConfigError, match=rf"parallel\.{key}: 2 is not supported with model\.recursion\.loops=2 "
+                                              r"\(a looped model trains with data parallelism / ZeRO only\)"):
+            job_config_from_dict(synthetic.job_dict(tmp_path, model=model, parallel={key: 2}))
