@@ -21,10 +21,43 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 
+# Ports handed out below the kernel's ephemeral range (32768-60999 by default), in a disjoint block
+# per pytest-xdist worker. bind(("", 0)) would return an ephemeral port that is free now but can be
+# handed to another worker's bind(0), or to torchrun's own port probe, before our process listens on
+# it: two tests then race for it and one dies with EADDRINUSE (seen in CI). The kernel never gives
+# these ports to bind(0) or connect(), and no two workers share a block, so only a foreign service
+# could hold one, which the bind probe skips.
+_PORT_BASE, _PORT_BLOCK = 20000, 1000
+_next_port_offset = 0
+
+
+def _worker_index() -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ... under pytest -n
+    return int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port that no other test worker and no ephemeral bind can be handed meanwhile."""
+    global _next_port_offset
+    workers_fit = max(1, (_ephemeral_low() - _PORT_BASE) // _PORT_BLOCK)
+    block_start = _PORT_BASE + (_worker_index() % workers_fit) * _PORT_BLOCK
+    for _ in range(_PORT_BLOCK):
+        port = block_start + _next_port_offset
+        _next_port_offset = (_next_port_offset + 1) % _PORT_BLOCK
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {block_start}..{block_start + _PORT_BLOCK - 1}")
 
 
 def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, args: tuple, queue: Any) -> None:
