@@ -19,12 +19,14 @@ import argparse
 import json
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from hybrid_lm.typed_config import ConfigError
 
 if TYPE_CHECKING:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from hybrid_lm.train.config import JobConfig
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +77,33 @@ def main(args: argparse.Namespace) -> int:
             print(f"hybrid-lm train: worker rank {rank} exited with code {code}", file=sys.stderr)
             return code
         return 0
+    code = _train_here(cfg)
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:
+        exit_without_finalizing(code)
+    return code
+
+
+def exit_without_finalizing(code: int) -> NoReturn:
+    """End a torchrun worker with ``code`` without Python's interpreter finalisation.
+
+    The gloo process groups keep their worker threads after ``destroy_process_group`` (DeepSpeed and
+    megatron-core still hold the groups). A thread that finishes the last collective's work drops
+    its tensors afterwards, which needs the GIL; if the main thread is finalising by then, the
+    thread is killed mid-destructor and the process aborts ("terminate called without an active
+    exception", SIGABRT) after a complete run. Seen on loaded 2-core machines in the two-node test:
+    torchrun then counts the node failed and the other node's agent waits out its 300 s exit
+    barrier. Everything this run writes is closed and synced by now (checkpoints, metrics); only
+    the standard streams and logging handlers need flushing."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _train_here(cfg: "JobConfig") -> int:
+    """Train in this process (one worker of a launch, or the only one) -> the exit code."""
     from hybrid_lm.train.checkpoint import CheckpointError
     from hybrid_lm.train.faults import TrainingDiverged
     from hybrid_lm.train.loop import train

@@ -7,6 +7,8 @@ and the gloo all-reduces add the same two numbers: the losses must be bitwise eq
 (One process with gradient_accumulation=2 is no reference here: the loader splits the token
 stream by rank, so a single rank reads other batches.)
 """
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,15 +40,26 @@ def test_multinode_trainer_two_nodes_match_one_node(shards, one_node_two_procs, 
     env = train_runs.launch_env(NNODES="2", NPROC="1", RDZV_ENDPOINT=f"127.0.0.1:{free_port()}",
                                 LOCAL_ADDR="127.0.0.1", RDZV_ID=tmp_path.name, MAX_RESTARTS="0")
     argv = ["bash", str(LAUNCH / "multinode.sh"), str(train_runs.CONFIG), *train_runs.overrides(shards, run_dir, STEPS)]
-    nodes = [subprocess.Popen(argv, env=dict(env, NODE_RANK=str(node)), cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    # each node in its own session with its output in a file: a timeout kills the agent and its
+    # workers alike and still shows what both nodes printed
+    logs = [(tmp_path / f"node{node}.log").open("w") for node in (0, 1)]
+    nodes = [subprocess.Popen(argv, env=dict(env, NODE_RANK=str(node)), cwd=tmp_path, stdout=logs[node],
+                              stderr=subprocess.STDOUT, start_new_session=True) for node in (0, 1)]
+    timed_out = False
     try:
-        outputs = [node.communicate(timeout=180)[0] for node in nodes]
+        for node in nodes:
+            node.wait(timeout=180)
+    except subprocess.TimeoutExpired:
+        timed_out = True
     finally:
         for node in nodes:
             if node.poll() is None:
-                node.kill()
-    assert [node.returncode for node in nodes] == [0, 0], "\n----\n".join(o[-3000:] for o in outputs)
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
+        for log in logs:
+            log.close()
+    outputs = [(tmp_path / f"node{node}.log").read_text() for node in (0, 1)]
+    assert not timed_out and [node.returncode for node in nodes] == [0, 0], "\n----\n".join(o[-3000:] for o in outputs)
     two_nodes, reference = train_runs.step_logs(run_dir), train_runs.step_logs(one_node_two_procs)
     assert sorted(two_nodes) == list(range(1, STEPS + 1))
     assert [two_nodes[s]["train/tokens"] for s in two_nodes] == [
