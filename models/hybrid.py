@@ -69,7 +69,7 @@ class Block(nn.Module):
         return x + y, new_state
 
 
-def _rng_devices() -> list[int]:
+def rng_devices() -> list[int]:
     return [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
 
 
@@ -86,7 +86,7 @@ class HybridLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        with torch.random.fork_rng(devices=_rng_devices()):
+        with torch.random.fork_rng(devices=rng_devices()):
             self.embed = nn.Embedding(config.vocab_size, config.d_model)
             self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_blocks))
             self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from hybrid_lm.models.config import ModelConfig
+from hybrid_lm.models.hmt.model import HMTLM
+from hybrid_lm.models.hybrid import HybridLM
 from hybrid_lm.models.kinds import adapt_init_state, build_lm
 from hybrid_lm.models.model_dir import load_model_dir
 from hybrid_lm.models.recursive.convert import parameter_counts
@@ -92,15 +94,13 @@ def build_model(model_cfg: ModelConfig, *, seed: int, init_from: Optional[str], 
     seeded init, then ``init_from`` weights unless a checkpoint is about to overwrite them anyway
     (an HMT model also takes a plain stack's weights as its backbone).
 
-    ``meta=True`` (and no ``init_from``): a plain stack comes back on the meta device, without
-    storage, for the engine to split and then materialise from ``seed`` (``train/meta_init.py``);
-    the weights are the same."""
+    ``meta=True`` (and no ``init_from``): a plain stack, or an HMT model over one, comes back on
+    the meta device, without storage, for the engine to split and then materialise from ``seed``
+    (``train/meta_init.py``); the weights are the same."""
     if meta and not init_from:
-        from hybrid_lm.models.hybrid import HybridLM
-
         with torch.device("meta"):
             model = build_lm(model_cfg)
-        if type(model) is HybridLM:
+        if type(getattr(model, "backbone", model)) is HybridLM and type(model) in (HybridLM, HMTLM):
             return model
     seed_everything(seed)
     model = build_lm(model_cfg)

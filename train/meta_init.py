@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from hybrid_lm.models.config import ModelConfig
+from hybrid_lm.models.hmt.model import HMTLM
 from hybrid_lm.models.hybrid import Block, HybridLM
 from hybrid_lm.train.build import seed_everything
 
@@ -63,22 +64,26 @@ def to_empty(module: nn.Module, device: torch.device) -> None:
 
 
 @torch.no_grad()
-def materialize(model: HybridLM, device: torch.device, *, seed: int, groups: Any = None) -> HybridLM:
+def materialize(model: HybridLM | HMTLM, device: torch.device, *, seed: int, groups: Any = None) -> HybridLM | HMTLM:
     """Storage on ``device`` for a model built on the meta device (split by tensor parallelism or
-    not), initialised from ``seed`` as ``HybridLM(cfg)`` after ``torch.manual_seed(seed)`` would be
-    (and then split). Leaves the global RNGs seeded with ``seed``, as ``build.build_model`` does."""
+    not), initialised from ``seed`` as ``HybridLM(cfg)`` (or ``HMTLM(cfg)``: its backbone, then its
+    own replicated parameters) after ``torch.manual_seed(seed)`` would be (and then split). Leaves
+    the global RNGs seeded with ``seed``, as ``build.build_model`` does."""
     to_empty(model, device)
     for p in model.parameters():
         if p.is_floating_point():
             p.fill_(float("nan"))
     seed_everything(seed)
+    stack = model.backbone if isinstance(model, HMTLM) else model
     split = any(getattr(p, "_tp_split", None) is not None for p in model.parameters())
     if split:
         if groups is None:
             raise ValueError("materialize: the model is split by tensor parallelism; pass its groups")
-        _init_split(model, groups.tp_rank, groups.tp_size)
+        _init_split(stack, groups.tp_rank, groups.tp_size)
     else:
-        model.init_weights()
+        stack.init_weights()
+    if isinstance(model, HMTLM):
+        model.init_memory_weights()
     seed_everything(seed)
     unset = [n for n, p in model.named_parameters() if p.is_floating_point() and bool(p.isnan().any())]
     if unset:

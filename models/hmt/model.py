@@ -47,7 +47,7 @@ from torch import nn
 from hybrid_lm.models.attention.layer import Attention
 from hybrid_lm.models.config import ModelConfig
 from hybrid_lm.models.hmt.config import HMTConfig
-from hybrid_lm.models.hybrid import HybridLM, ModelOutput, States
+from hybrid_lm.models.hybrid import HybridLM, ModelOutput, States, rng_devices
 
 
 #: what ``HMTLM.decode`` continues from: cache (B, n, D), sensory (B, k', D), the open segment's
@@ -110,16 +110,21 @@ class HMTLM(nn.Module):
         self.hmt: HMTConfig = config.hmt
         d = config.d_model
         h = self.hmt.recall_hidden_size or d
-        self.backbone = HybridLM(backbone_config(config))
-        self.summary_prompt = nn.Parameter(torch.empty(d))
-        self.memory_init = nn.Parameter(torch.empty(d))
-        self.recall_q = nn.Linear(d, h, bias=False)
-        self.recall_k = nn.Linear(d, h, bias=False)
+        # constructor inits (the backbone's own, nn.Linear's) draw from a forked RNG and are all
+        # overwritten by init_weights, so the weights depend only on the RNG state at the call, and
+        # a model built on the meta device and materialised later (train/meta_init.py) gets the same
+        with torch.random.fork_rng(devices=rng_devices()):
+            self.backbone = HybridLM(backbone_config(config))
+            self.summary_prompt = nn.Parameter(torch.empty(d))
+            self.memory_init = nn.Parameter(torch.empty(d))
+            self.recall_q = nn.Linear(d, h, bias=False)
+            self.recall_k = nn.Linear(d, h, bias=False)
         # which backbone state entries travel between segments: the stateful non-attention layers
         # (a looped stack has one state per block and loop, entry loop * n_blocks + block)
         per_block = [not isinstance(b.layer, Attention) and b.layer.stateful for b in self.backbone.blocks]
         self._carried = per_block * getattr(self.backbone, "loops", 1)
-        self.init_weights()
+        if not self.summary_prompt.is_meta:
+            self.init_weights()
         if self.hmt.freeze_backbone:
             self.backbone.requires_grad_(False)
 
@@ -128,6 +133,11 @@ class HMTLM(nn.Module):
         """The backbone's own init; T and m_init ~ N(0, init_std^2), the embedding's std at init (the
         reference draws them with the loaded embedding's std); recall projections as nn.Linear."""
         self.backbone.init_weights()
+        self.init_memory_weights()
+
+    @torch.no_grad()
+    def init_memory_weights(self) -> None:
+        """HMT's own parameters, drawn after the backbone's (``init_weights``' second half)."""
         nn.init.normal_(self.summary_prompt, std=self.config.init_std)
         nn.init.normal_(self.memory_init, std=self.config.init_std)
         self.recall_q.reset_parameters()

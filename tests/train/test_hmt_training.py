@@ -97,7 +97,7 @@ def _train_worker(rank, world_size, jobs):
     out = []
     for job in jobs:
         result = train(job_config_from_dict(job), make_loader=synthetic.factory())
-        out.append((result.losses, str(result.checkpoint)))
+        out.append((result.losses, str(result.checkpoint), result.evals))
         destroy_process_groups()  # megatron's groups are made per degrees: the next job may differ
     if world_size == 2:
         out.append(_tp_decode(TP_MODEL))
@@ -135,9 +135,13 @@ def _tp_decode(model: dict) -> tuple[bool, float]:
 
 #: Mamba-2 (2 groups) + attention (2 heads) + MLP, each split over 2 TP ranks; Mamba-2 states
 #: travel between segments, so the split recurrent state is exercised too
-TP_MODEL = {"vocab_size": 64, "d_model": 32, "layer_pattern": "M-A-", "attention": {"n_heads": 2},
+TP_MODEL = {"vocab_size": 258, "d_model": 32, "layer_pattern": "M-A-", "attention": {"n_heads": 2},
             "mlp": {"hidden_size": 48}, "mamba2": {"d_state": 8, "headdim": 16, "ngroups": 2, "chunk_size": 8},
             "hmt": {**HMT, "segment_length": 12, "carry_backbone_state": True}}
+#: the eval hooks at step 3 of the TP runs: validation and position losses and a passkey prompt of
+#: 100 byte tokens (9 segments), each through the segment recurrence on the split backbone
+TP_EVALS = {"every": 3, "max_batches": 2, "hooks": ["val_loss", "position_loss", "passkey"],
+            "passkey_lengths": [100], "passkey_depths": [0.5]}
 
 
 @pytest.mark.distributed
@@ -145,15 +149,16 @@ def test_data_and_tensor_parallel_match_one_rank(tmp_path):
     """One 2-rank spawn: data parallelism (ZeRO-2) gives one rank's losses with 2 micro-batches;
     tensor parallelism (TP=2, the backbone's layers split by their families' plans, HMT's own
     summary prompt, memory init and recall projections replicated) gives one rank's losses and
-    clipping norms for 3 steps, its checkpoint consolidates to the one-rank weights, it resumes
-    at TP=1 on the one-rank run's losses, and greedy generation at TP=2 gives the unsplit model's
-    tokens (logits within 1e-5). Tolerance rel 1e-5 (fp32; the TP tests' reasons)."""
+    clipping norms for 3 steps, its eval hooks (validation and position losses, passkey) score as
+    one rank's, its checkpoint consolidates to the one-rank weights, it resumes at TP=1 on the
+    one-rank run's losses, and greedy generation at TP=2 gives the unsplit model's tokens (logits
+    within 1e-5). Tolerance rel 1e-5 (fp32; the TP tests' reasons)."""
     from distributed_utils import run_distributed
 
     model = {"vocab_size": 64, "d_model": 32, "layer_pattern": "M-A-", "attention": {"n_heads": 2},
              "mamba2": {"d_state": 8, "headdim": 16, "chunk_size": 8}, "hmt": HMT}
     dp_job = synthetic.job_dict(tmp_path / "two", steps=4, zero_stage=2, model=model, eval={"hooks": []})
-    tp_job = synthetic.job_dict(tmp_path / "tp2", steps=4, zero_stage=0, model=TP_MODEL, eval={"hooks": []},
+    tp_job = synthetic.job_dict(tmp_path / "tp2", steps=4, zero_stage=0, model=TP_MODEL, eval=TP_EVALS,
                                 parallel={"tensor_parallel": 2}, train={"stop_at": 3})
     two, tp, (same_tokens, logit_diff) = run_distributed(_train_worker, 2, args=([dp_job, tp_job],))[0]
     one = run_distributed(_train_worker, 1, args=([synthetic.job_dict(tmp_path / "one", steps=4, zero_stage=0, gas=2,
@@ -163,7 +168,7 @@ def test_data_and_tensor_parallel_match_one_rank(tmp_path):
         assert two[0][step] == pytest.approx(one[0][step], rel=1e-5, abs=1e-6), step
 
     straight = train(job_config_from_dict(synthetic.job_dict(tmp_path / "tp1", steps=4, zero_stage=0, model=TP_MODEL,
-                                                             eval={"hooks": []}, checkpoint={"every": 3, "keep": 2})),
+                                                             eval=TP_EVALS, checkpoint={"every": 3, "keep": 2})),
                      make_loader=synthetic.factory())
     assert sorted(tp[0]) == [0, 1, 2] and straight.losses[3] < straight.losses[0]
     for step in range(3):
@@ -171,6 +176,9 @@ def test_data_and_tensor_parallel_match_one_rank(tmp_path):
     norms = [[row["train/grad_norm"] for row in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
               if "train/grad_norm" in row][:3] for run in ("tp2", "tp1")]
     assert len(norms[0]) == 3 and norms[0] == pytest.approx(norms[1], rel=1e-5)
+    scores, reference = tp[2][3], straight.evals[3]
+    assert {"val_loss", "passkey/100"} <= set(scores) and any(k.startswith("position_loss/") for k in scores)
+    assert scores == pytest.approx(reference, rel=1e-5), (scores, reference)
     split = load_model_state(tp[1]).state_dict
     whole = load_model_state(tmp_path / "tp1" / "checkpoints" / "step-0000003").state_dict
     assert split.keys() == whole.keys() and any(k.startswith("recall_") for k in whole)

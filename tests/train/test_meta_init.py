@@ -1,5 +1,5 @@
 """Large-model construction (``train/meta_init.py``): a model built on the meta device, then given
-storage and initialised, equals the eager ``HybridLM(cfg)`` of the same seed bit for bit (every
+storage and initialised, equals the eager ``HybridLM(cfg)`` (or ``HMTLM(cfg)``) of the same seed bit for bit (every
 layer family's own init included); split by tensor parallelism first, each rank allocates only its
 shards, which equal the eager model's cut; activation checkpointing composes with the split model
 (those two run in ``test_tensor_parallel.py``'s 2-rank spawn: ``meta_init_case``).
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from hybrid_lm.models.config import ModelConfig
+from hybrid_lm.models.hmt.model import HMTLM
 from hybrid_lm.models.hybrid import HybridLM
 from hybrid_lm.train.meta_init import materialize
 from hybrid_lm.typed_config import from_dict
@@ -50,6 +51,27 @@ def test_meta_then_materialize_equals_eager(name):
     # layers' own reset_parameters reached: Mamba-2 A_log/dt_bias/D, the memory's w0 and gate biases
     assert any(n.endswith("A_log") for n in got) or name.startswith("D")
     assert any(".w0." in n for n in got)
+
+
+HMT = dict(segment_length=16, sensory_tokens=2, cache_size=4, bptt_depth=2)
+
+
+def test_hmt_meta_then_materialize_equals_eager():
+    """An HMT model: its backbone as a plain stack's, then its own (replicated) parameters, one
+    RNG stream in the eager order."""
+    cfg = _config(dict(CONFIGS["MAT-CGLX-"], hmt=HMT))
+    torch.manual_seed(3)
+    eager = HMTLM(cfg)
+    with torch.device("meta"):
+        model = HMTLM(cfg)
+    materialize(model, torch.device("cpu"), seed=3)
+    ref = dict(eager.named_parameters())
+    got = dict(model.named_parameters())
+    assert got.keys() == ref.keys() and {"summary_prompt", "memory_init", "recall_q.weight"} <= got.keys()
+    for n, p in got.items():
+        assert torch.equal(p, ref[n]), n
+    # one stream: the HMT draws follow the backbone's rather than repeating them
+    assert not torch.equal(model.summary_prompt, model.memory_init)
 
 
 TP_MODEL = dict(layer_pattern="M-A-T-", attention=dict(n_heads=2), titans=TITANS,
@@ -92,6 +114,16 @@ def meta_init_case(groups) -> dict:
             losses.append(float(loss))
             grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         out["ac_loss_equal"] = losses[0] == losses[1]
+        # an HMT model over the same stack: the backbone cut as above, HMT's own parameters whole
+        hmt_cfg = _config(dict(TP_MODEL, hmt=HMT))
+        torch.manual_seed(5)
+        eager_hmt = apply_tensor_parallel(HMTLM(hmt_cfg), groups)
+        with torch.device("meta"):
+            hmt = HMTLM(hmt_cfg)
+        materialize(apply_tensor_parallel(hmt, groups), torch.device("cpu"), seed=5, groups=groups)
+        ref = dict(eager_hmt.named_parameters())
+        out["hmt_unequal"] = [n for n, p in hmt.named_parameters() if not torch.equal(p, ref[n])]
+        out["hmt_backbone_bytes"] = sum(p.numel() * p.element_size() for p in hmt.backbone.parameters())
         out["ac_grads_unequal"] = [n for n in grads[0] if not torch.equal(grads[0][n], grads[1][n])]
         # the materialised model computes as the eager split one: TP's gradient hooks (the partial
         # gradients of shared per-head parameters summed over the ranks) came through
@@ -115,4 +147,5 @@ def check_meta_init_tp2(results: list[dict]) -> None:
         assert res["split_bytes"] * 2 + replicated == res["full_bytes"], res
         assert res["bytes"] < 0.6 * res["full_bytes"], res
         assert res["ac_loss_equal"] and res["ac_grads_unequal"] == [], res
+        assert res["hmt_unequal"] == [] and res["hmt_backbone_bytes"] == res["bytes"], res  # cut as the plain stack
         assert res["eager_grads_unequal"] == [] and res["partial_grad_hooks"] > 0, res
