@@ -88,16 +88,33 @@ def _init_state_dict(source: Path, model_cfg: ModelConfig) -> dict[str, torch.Te
     return state
 
 
+def load_init_state(model_cfg: ModelConfig, init_from: str) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """``train.init_from``'s weights under this model's names, and the keys that may keep their
+    seeded init (an HMT model's own weights when the source is a plain stack)."""
+    return adapt_init_state(model_cfg, _init_state_dict(Path(init_from), model_cfg))
+
+
+def check_init_keys(model_cfg: ModelConfig, init_from: str, missing: Iterable[str], unexpected: Iterable[str],
+                    may_stay: set[str]) -> None:
+    """Raise naming what ``init_from`` lacks (or has extra) for this model; a tied head may be
+    absent (it is saved once, under the embedding's name)."""
+    missing = [k for k in missing if not (k.endswith("lm_head.weight") and model_cfg.tie_embeddings)
+               and k not in may_stay]
+    unexpected = list(unexpected)
+    if missing or unexpected:
+        raise RuntimeError(f"train.init_from={init_from}: missing keys {missing[:5]}, unexpected {unexpected[:5]}")
+
+
 def build_model(model_cfg: ModelConfig, *, seed: int, init_from: Optional[str], resuming: bool,
                 meta: bool = False) -> torch.nn.Module:
     """The model of ``model_cfg``'s kind (``models/kinds.py``) with identical weights on every rank:
     seeded init, then ``init_from`` weights unless a checkpoint is about to overwrite them anyway
     (an HMT model also takes a plain stack's weights as its backbone).
 
-    ``meta=True`` (and no ``init_from``): a plain stack, or an HMT model over one, comes back on
-    the meta device, without storage, for the engine to split and then materialise from ``seed``
-    (``train/meta_init.py``); the weights are the same."""
-    if meta and not init_from:
+    ``meta=True``: a plain stack, or an HMT model over one, comes back on the meta device, without
+    storage, for the engine to split and then materialise from ``seed`` and load ``init_from``
+    into, piece by piece (``train/meta_init.py``); the weights are the same."""
+    if meta:
         with torch.device("meta"):
             model = build_lm(model_cfg)
         if type(getattr(model, "backbone", model)) is HybridLM and type(model) in (HybridLM, HMTLM):
@@ -105,13 +122,9 @@ def build_model(model_cfg: ModelConfig, *, seed: int, init_from: Optional[str], 
     seed_everything(seed)
     model = build_lm(model_cfg)
     if init_from and not resuming:
-        state, may_stay = adapt_init_state(model_cfg, _init_state_dict(Path(init_from), model_cfg))
+        state, may_stay = load_init_state(model_cfg, init_from)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        # tied embeddings appear under one or both names depending on who saved them
-        missing = [k for k in missing if not (k.endswith("lm_head.weight") and model_cfg.tie_embeddings)
-                   and k not in may_stay]
-        if missing or unexpected:
-            raise RuntimeError(f"train.init_from={init_from}: missing keys {missing[:5]}, unexpected {unexpected[:5]}")
+        check_init_keys(model_cfg, init_from, missing, unexpected, may_stay)
     # the loader and every later draw start from the same streams whether or not weights were loaded
     seed_everything(seed)
     return model

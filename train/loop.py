@@ -78,13 +78,16 @@ def _train_step(engine: Engine, batches, state: TrainerState, guard: NanGuard, s
     return mean_loss, int(g_tokens), g_stop > 0, norm
 
 
-def build_engine(model: nn.Module, cfg: JobConfig, info: D.DistInfo) -> Engine:
-    """The engine ``cfg.parallel`` asks for, around ``model`` (which holds its initial weights)."""
+def build_engine(model: nn.Module, cfg: JobConfig, info: D.DistInfo, *, init_from: Optional[str] = None) -> Engine:
+    """The engine ``cfg.parallel`` asks for, around ``model`` (which holds its initial weights, or
+    is on the meta device: then this rank's shards are initialised here and ``init_from``'s
+    weights, when given, loaded into them)."""
     par = cfg.parallel
     groups, mpu, data_parallel = None, None, info.world_size
     if par.tensor_parallel > 1:
         from hybrid_lm.train.process_groups import DeepSpeedMPU, init_process_groups
-        from hybrid_lm.train.meta_init import is_meta, materialize
+        from hybrid_lm.train.build import check_init_keys, load_init_state
+        from hybrid_lm.train.meta_init import is_meta, load_full_state, materialize
         from hybrid_lm.train.tensor_parallel import apply_tensor_parallel
 
         try:
@@ -98,6 +101,10 @@ def build_engine(model: nn.Module, cfg: JobConfig, info: D.DistInfo) -> Engine:
         apply_tensor_parallel(model, groups)
         if is_meta(model):  # built on the meta device (_train): allocate and initialise this rank's shards only
             materialize(model, torch.device("cpu"), seed=cfg.train.seed, groups=groups)
+            if init_from:  # the full tensors are read once; each rank keeps its pieces
+                state, may_stay = load_init_state(cfg.model, init_from)
+                check_init_keys(cfg.model, init_from, *load_full_state(model, state, groups=groups), may_stay)
+                del state
         if par.sequence_parallel:  # the residual stream split along the sequence over the TP group (after
             # the weights exist: it hooks the norm parameters)
             from hybrid_lm.train.sequence_parallel import apply_sequence_parallel
@@ -179,7 +186,7 @@ def _train(cfg: JobConfig, info: D.DistInfo, make_loader: Optional[LoaderFactory
     train_flops = 3.0 * model.flops_per_token(cfg.data.seq_len)  # the whole model's, whatever the engine keeps
     if info.is_main:
         print(model_summary(model, cfg.data.seq_len), flush=True)
-    engine = build_engine(model, cfg, info)
+    engine = build_engine(model, cfg, info, init_from=None if resume_from is not None else cfg.train.init_from)
     attach_state_passing(engine, cfg, info.rank)
     del model  # the engine holds what this rank trains; a pipeline stage frees the other stages' layers
     loader = make_loader("train", engine.data_rank, engine.data_size)

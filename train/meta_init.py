@@ -149,3 +149,22 @@ def _init_split(model: HybridLM, rank: int, tp: int) -> None:
                 raise RuntimeError(f"materialize: blocks.{i}.layer.{name}: reset_parameters wrote part of it")
             local = block.layer.get_parameter(name)
             local.copy_(_cut(local, rank, tp)(value.detach()))
+
+
+@torch.no_grad()
+def load_full_state(model: nn.Module, state: dict[str, torch.Tensor], *, groups: Any = None) -> tuple[list[str], list[str]]:
+    """Copy this rank's piece of each full-size tensor of ``state`` into ``model`` (split by tensor
+    parallelism or not), one tensor at a time, so the model never exists whole here; -> (missing,
+    unexpected) keys as ``load_state_dict(strict=False)`` reports them."""
+    own = model.state_dict(keep_vars=True)
+    rank, tp = (groups.tp_rank, groups.tp_size) if groups is not None else (0, 1)
+    for name, target in own.items():
+        full = state.get(name)
+        if full is None:
+            continue
+        piece = _cut(target, rank, tp)(full.to(target.dtype))
+        if piece.shape != target.shape:
+            raise RuntimeError(f"{name}: saved shape {tuple(full.shape)} does not fit this model's "
+                               f"{tuple(target.shape)} (this rank's piece)")
+        target.copy_(piece)
+    return [k for k in own if k not in state], [k for k in state if k not in own]

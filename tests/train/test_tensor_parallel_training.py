@@ -41,8 +41,10 @@ def _tokens(run_dir):
             if "train/tokens" in line]
 
 
-def _parity_worker(rank, world_size, root):
-    """ZeRO-0 and ZeRO-2, each 4 steps with 2 micro-batches, clipping on; rank 0 exports the result."""
+def _parity_worker(rank, world_size, root, init_src=None):
+    """ZeRO-0 and ZeRO-2, each 4 steps with 2 micro-batches, clipping on; rank 0 exports the result.
+    With ``init_src``, also 2 steps starting from that one-process run's weights (``train.init_from``:
+    at TP=2 loaded piece by piece into the meta-built shards)."""
     from hybrid_lm.train.checkpoint import load_model_state
     from hybrid_lm.train.config import job_config_from_dict
     from hybrid_lm.train.loop import train
@@ -55,6 +57,10 @@ def _parity_worker(rank, world_size, root):
         out[zero] = {"losses": result.losses, "evals": result.evals, "checkpoint": str(result.checkpoint),
                      "weights": None if loaded is None else {k: v.numpy() for k, v in loaded.state_dict.items()},
                      "norms": _norms(run_dir) if rank == 0 else None, "tokens": _tokens(run_dir) if rank == 0 else None}
+    if init_src is not None:
+        job = _job(Path(root) / f"init-tp{world_size}", world_size, eval={"hooks": []},
+                   train={"init_from": init_src, "steps": 2})
+        out["init"] = train(job_config_from_dict(job), make_loader=synthetic.factory()).losses
     if world_size == 2:  # issue 10's sequence parallelism: the same jobs split along the sequence too
         from test_sequence_parallel import sequence_parallel_run
 
@@ -65,8 +71,19 @@ def _parity_worker(rank, world_size, root):
 def test_two_tensor_parallel_ranks_train_like_one_process(tmp_path):
     from distributed_utils import run_distributed
 
-    two = run_distributed(_parity_worker, 2, args=(str(tmp_path),), timeout_s=600)
-    (one,) = run_distributed(_parity_worker, 1, args=(str(tmp_path),), timeout_s=600)
+    from hybrid_lm.train.config import job_config_from_dict
+    from hybrid_lm.train.loop import train
+
+    src = tmp_path / "init-src"  # a trained one-process run: the weights both layouts start from
+    source = train(job_config_from_dict(_job(src, 1, eval={"hooks": []})), make_loader=synthetic.factory())
+    two = run_distributed(_parity_worker, 2, args=(str(tmp_path), str(src)), timeout_s=600)
+    (one,) = run_distributed(_parity_worker, 1, args=(str(tmp_path), str(src)), timeout_s=600)
+    # TP=2 from init_from: the loaded weights and two steps on them as one process (rel 1e-5)
+    assert sorted(two[0]["init"]) == sorted(one["init"]) == [0, 1]
+    for step, loss in one["init"].items():
+        assert two[0]["init"][step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
+    # the loaded weights, not the seed's: the first loss is the trained source's, below a fresh start's
+    assert one["init"][0] < source.losses[0] - 0.1 and one["init"][0] < one[0]["losses"][0] - 0.1
     for zero in (0, 2):
         p0, p1, ref = two[0][zero], two[1][zero], one[zero]
         assert sorted(p0["losses"]) == sorted(ref["losses"]) == [0, 1, 2, 3]
