@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -78,10 +79,10 @@ def _train_step(engine: Engine, batches, state: TrainerState, guard: NanGuard, s
     return mean_loss, int(g_tokens), g_stop > 0, norm
 
 
-def build_engine(model: nn.Module, cfg: JobConfig, info: D.DistInfo, *, init_from: Optional[str] = None) -> Engine:
+def build_engine(model: nn.Module, cfg: JobConfig, info: D.DistInfo) -> Engine:
     """The engine ``cfg.parallel`` asks for, around ``model`` (which holds its initial weights, or
-    is on the meta device: then this rank's shards are initialised here and ``init_from``'s
-    weights, when given, loaded into them)."""
+    is on the meta device: then this rank's shards are initialised here and ``cfg.train.init_from``'s
+    weights, when set, loaded into them)."""
     par = cfg.parallel
     groups, mpu, data_parallel = None, None, info.world_size
     if par.tensor_parallel > 1:
@@ -101,6 +102,7 @@ def build_engine(model: nn.Module, cfg: JobConfig, info: D.DistInfo, *, init_fro
         apply_tensor_parallel(model, groups)
         if is_meta(model):  # built on the meta device (_train): allocate and initialise this rank's shards only
             materialize(model, torch.device("cpu"), seed=cfg.train.seed, groups=groups)
+            init_from = cfg.train.init_from
             if init_from:  # the full tensors are read once; each rank keeps its pieces
                 state, may_stay = load_init_state(cfg.model, init_from)
                 check_init_keys(cfg.model, init_from, *load_full_state(model, state, groups=groups), may_stay)
@@ -186,7 +188,10 @@ def _train(cfg: JobConfig, info: D.DistInfo, make_loader: Optional[LoaderFactory
     train_flops = 3.0 * model.flops_per_token(cfg.data.seq_len)  # the whole model's, whatever the engine keeps
     if info.is_main:
         print(model_summary(model, cfg.data.seq_len), flush=True)
-    engine = build_engine(model, cfg, info, init_from=None if resume_from is not None else cfg.train.init_from)
+    # a checkpoint about to be restored overwrites any init_from weights: the engine need not read them
+    engine_cfg = cfg if resume_from is None else dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, init_from=None))
+    engine = build_engine(model, engine_cfg, info)
     attach_state_passing(engine, cfg, info.rank)
     del model  # the engine holds what this rank trains; a pipeline stage frees the other stages' layers
     loader = make_loader("train", engine.data_rank, engine.data_size)
