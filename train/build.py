@@ -117,7 +117,7 @@ def build_model(model_cfg: ModelConfig, *, seed: int, init_from: Optional[str], 
     if meta:
         with torch.device("meta"):
             model = build_lm(model_cfg)
-        if type(getattr(model, "backbone", model)) is HybridLM and type(model) in (HybridLM, HMTLM):
+        if type(model) in (HybridLM, HMTLM):  # the kinds meta_init.materialize initialises
             return model
     seed_everything(seed)
     model = build_lm(model_cfg)

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -189,8 +188,7 @@ def _train(cfg: JobConfig, info: D.DistInfo, make_loader: Optional[LoaderFactory
     if info.is_main:
         print(model_summary(model, cfg.data.seq_len), flush=True)
     # a checkpoint about to be restored overwrites any init_from weights: the engine need not read them
-    engine_cfg = cfg if resume_from is None else dataclasses.replace(
-        cfg, train=dataclasses.replace(cfg.train, init_from=None))
+    engine_cfg = cfg if resume_from is None else replace(cfg, train=replace(cfg.train, init_from=None))
     engine = build_engine(model, engine_cfg, info)
     attach_state_passing(engine, cfg, info.rank)
     del model  # the engine holds what this rank trains; a pipeline stage frees the other stages' layers

@@ -265,8 +265,7 @@ class Mamba2(Layer):
         r = self.state_window
         assert r is not None
         if state is None:
-            zeros = xs.new_zeros(batch, self.nheads, self.headdim, self.d_state, dtype=work)
-            state = {"ssm": zeros, **self._empty_window(zeros)}
+            state = self.init_state(batch, device=xs.device, dtype=work)
         initial = state["ssm"].to(work)
         log_decay = self._log_decays(dt, A)
         seg = None if doc_ids is None else segment_index(doc_ids)
